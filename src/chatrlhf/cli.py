@@ -1,0 +1,40 @@
+"""The one `chatrlhf` command. Each subcommand maps to one function in a recipe or module.
+
+    chatrlhf data validate|stats|convert ...
+    chatrlhf reward train|score|eval ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chatrlhf.data import cli as data_cli
+from chatrlhf.recipes import reward
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatrlhf", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    data_cli.add_parser(commands)
+    reward.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input and bad configuration end with the message alone, not a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

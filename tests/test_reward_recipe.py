@@ -1,0 +1,148 @@
+"""`chatrlhf reward train|score|eval` through the real CLI, with tiny models built in the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from chatrlhf import models
+from chatrlhf.cli import main
+from chatrlhf.recipes import reward
+from conftest import separable_pairs, write_jsonl
+
+
+def train(tmp_path, model: str, rows: list[dict], *extra: str, dev_rows=None, name="run") -> Path:
+    out = tmp_path / name
+    args = ["reward", "train", f"model.name={model}", f"data.train={write_jsonl(tmp_path / 'train.jsonl', rows)}",
+            f"train.output_dir={out}", "model.max_length=48", "train.batch_size=8", "train.lr=2e-3",
+            "train.warmup_ratio=0.0", *extra]
+    if dev_rows:
+        args.append(f"data.dev={write_jsonl(tmp_path / 'dev.jsonl', dev_rows)}")
+    assert main(args) == 0
+    return out
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_bert_learns_a_separable_preference(tmp_path, tiny_bert, capsys):
+    out = train(tmp_path, tiny_bert, separable_pairs(160, seed=1), "train.epochs=4",
+                dev_rows=separable_pairs(60, seed=2))
+    assert "dev accuracy" in capsys.readouterr().out
+    final = log(out)[-1]
+    assert final["dev_accuracy"] > 0.9
+    saved = json.loads((out / "model" / "chatrlhf.json").read_text())
+    assert saved["eval"]["accuracy"] == final["dev_accuracy"] and saved["reward_std"] > 0
+    # The same figure again from the saved model through `reward eval`.
+    assert main(["reward", "eval", str(out / "model"), str(tmp_path / "dev.jsonl")]) == 0
+    assert f"accuracy {final['dev_accuracy']:.4f} on 60 pairs" in capsys.readouterr().out
+
+
+def test_saved_model_gives_the_same_scores_in_plain_transformers(tmp_path, tiny_bert):
+    out = train(tmp_path, tiny_bert, separable_pairs(16, seed=3), "train.max_steps=2")
+    scores = tmp_path / "scores.jsonl"
+    assert main(["reward", "score", str(out / "model"), str(tmp_path / "train.jsonl"), "-o", str(scores)]) == 0
+    ours = [json.loads(line)["rewards"] for line in scores.read_text().splitlines()]
+
+    plain = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    for row, rewards in zip(separable_pairs(16, seed=3), ours):
+        batch = tokenizer([row["prompt"]] * 2, [" " + row["chosen"], " " + row["rejected"]],
+                          padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected = plain(**batch).logits[:, 0].tolist()
+        assert rewards == pytest.approx(expected, abs=1e-5)
+
+
+def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_bert, monkeypatch):
+    rows = separable_pairs(48, seed=4)
+    settings = ("train.max_steps=6", "train.save_every=3", "train.epochs=2")
+    whole = log(train(tmp_path, tiny_bert, rows, *settings, name="whole"))
+
+    real_save = reward.save_checkpoint
+
+    def crash_after_step_3(run, step):
+        real_save(run, step)
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(reward, "save_checkpoint", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, tiny_bert, rows, *settings, name="crashed")
+    monkeypatch.setattr(reward, "save_checkpoint", real_save)
+    resumed = log(train(tmp_path, tiny_bert, rows, *settings, "train.resume=true", name="crashed"))
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed[-1]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)
+    assert [e["loss"] for e in resumed[3:]] == pytest.approx([e["loss"] for e in whole[3:]], abs=1e-6)
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_bert, capsys):
+    out = train(tmp_path, tiny_bert, separable_pairs(32, seed=5), "train.max_steps=4", "train.save_every=2")
+    newest = out / "checkpoints" / "step-0000004"
+    (newest / reward.STATE_FILE).write_bytes(b"truncated")
+    assert reward.latest_checkpoint(out) == out / "checkpoints" / "step-0000002"
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_lora_round_trips_with_its_head(tmp_path, tiny_bert):
+    out = train(tmp_path, tiny_bert, separable_pairs(16, seed=6), "train.max_steps=3", "model.lora_r=4",
+                "model.lora_target_modules=[query, value]")
+    assert (out / "model" / "adapter" / "adapter_config.json").exists()
+    pairs_file = str(tmp_path / "train.jsonl")
+    first = reward_scores(out / "model", pairs_file, tmp_path / "a.jsonl")
+    torch.manual_seed(123)  # a re-initialised head would now give other scores
+    assert reward_scores(out / "model", pairs_file, tmp_path / "b.jsonl") == first
+    adapter_model, _ = models.load_reward_model(str(out / "model"))
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    head = [n for n, _ in merged.named_parameters() if n.startswith("classifier")][0]
+    trained = {n: p for n, p in adapter_model.named_parameters() if "modules_to_save" in n and n.endswith("weight")}
+    original = {n: p for n, p in adapter_model.named_parameters() if "original_module" in n and n.endswith("weight")}
+    [trained_head], [original_head] = trained.values(), original.values()
+    assert torch.equal(trained_head, dict(merged.named_parameters())[head])
+    assert not torch.equal(trained_head, original_head)  # the head did train
+
+
+def reward_scores(model: Path, data: str, output: Path) -> list:
+    assert main(["reward", "score", str(model), data, "-o", str(output)]) == 0
+    return [json.loads(line)["rewards"] for line in output.read_text().splitlines()]
+
+
+def test_decoder_backbone_without_pad_token_on_chat_data(tmp_path, tiny_llama):
+    out = train(tmp_path, tiny_llama, separable_pairs(24, seed=7, chat=True), "train.max_steps=3")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert tokenizer.pad_token is not None
+    plain = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    ours = reward_scores(out / "model", str(tmp_path / "train.jsonl"), tmp_path / "s.jsonl")
+    row = separable_pairs(24, seed=7, chat=True)[0]
+    text = tokenizer.apply_chat_template([*row["prompt"], {"role": "assistant", "content": row["chosen"]}],
+                                         tokenize=False)
+    with torch.no_grad():
+        expected = plain(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+    assert ours[0][0] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_rankings_train_and_eval_with_ranking_metrics(tmp_path, tiny_bert, capsys):
+    rows = [{"kind": "ranking", "prompt": r["prompt"], "replies": [r["chosen"], "neutral words", r["rejected"]],
+             "ranks": [0, 1, 2]} for r in separable_pairs(24, seed=8)]
+    out = train(tmp_path, tiny_bert, rows, "train.max_steps=3")
+    assert main(["reward", "eval", str(out / "model"), str(tmp_path / "train.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert "on 72 pairs" in printed and "best-vs-worst" in printed and "Kendall tau" in printed
+
+
+def test_regression_objective_on_scored_samples(tmp_path, tiny_bert):
+    rows = [{"kind": "scored", "prompt": r["prompt"], "reply": reply, "score": score}
+            for r in separable_pairs(24, seed=9) for reply, score in ((r["chosen"], 4.0), (r["rejected"], 1.0))]
+    out = train(tmp_path, tiny_bert, rows, "train.max_steps=20", "loss.objective=regression")
+    losses = [e["loss"] for e in log(out)]
+    assert losses[-1] < losses[0]
+
+
+def test_bad_config_value_is_a_clear_error(tmp_path, tiny_bert, capsys):
+    assert main(["reward", "train", "train.lr=fast"]) == 2
+    assert "train.lr: expected float, found 'fast'" in capsys.readouterr().err
