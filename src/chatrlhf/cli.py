@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from chatrlhf import serve
 from chatrlhf.data import cli as data_cli
 from chatrlhf.recipes import reward
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     data_cli.add_parser(commands)
     reward.add_parser(commands)
+    serve.add_parser(commands)
     return parser
 
 

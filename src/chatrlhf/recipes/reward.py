@@ -217,7 +217,7 @@ def fit(run: Run) -> dict:
     model.train()
     for step in bar:
         started = time.perf_counter()
-        step_loss, tokens = 0.0, 0
+        step_loss, tokens, step_pairs = 0.0, 0, 0
         for micro in range(train.grad_accum):
             index = step * train.grad_accum + micro
             epoch, position = divmod(index, run.batches_per_epoch)
@@ -231,6 +231,7 @@ def fit(run: Run) -> dict:
             batch = collate(groups, pad_id)
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
+            step_pairs += sum(k * (k - 1) // 2 for k in batch["group_sizes"])
             sync = micro == train.grad_accum - 1
             with (accelerator.no_sync(model) if not sync else _nullcontext()):
                 with accelerator.autocast():
@@ -260,8 +261,10 @@ def fit(run: Run) -> dict:
         run.optimizer.zero_grad(set_to_none=True)
 
         recent_loss = (recent_loss + [step_loss])[-20:]
+        seconds = time.perf_counter() - started
         entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
-                 "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - started)}
+                 "grad_norm": grad_norm, "seconds": seconds, "tokens": tokens, "pairs": step_pairs,
+                 "tokens_per_s": tokens / seconds}
         postfix = {"loss": f"{sum(recent_loss) / len(recent_loss):.3f}"}
         if recent_total:
             entry["train_accuracy"] = recent_correct / recent_total
@@ -465,6 +468,11 @@ def eval_command(args) -> int:
     result = metrics.summarize(rewards, [g.ranks for g in groups])
     result["cut_replies"] = cut
     print(format_metrics(result, Path(args.file).name))
+    if args.report:
+        from chatrlhf import report
+
+        report.write_report(groups, rewards, result, args.report, tokenizer, info,
+                            title=f"{args.model} on {args.file}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -508,4 +516,9 @@ def add_parser(subparsers) -> None:
             p.add_argument("--normalize", action="store_true", help="(r - mean) / std from the model's metadata")
         else:
             p.add_argument("--json", help="also write the metrics to this JSON file")
+            p.add_argument("--report", metavar="DIR", help="write report.html, report.json and PNG plots "
+                           "(intervals, length bias, calibration, reward distributions) into DIR")
         p.set_defaults(run=function)
+    from chatrlhf.recipes import compare  # `reward compare`; imported here, as it imports this module
+
+    compare.add_parser(commands)

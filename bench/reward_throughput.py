@@ -1,0 +1,191 @@
+"""Reward-model training throughput: chatrlhf against TRL's RewardTrainer, in one run.
+
+    python bench/reward_throughput.py --case hh-minilm --steps 20
+    python bench/reward_throughput.py --case all
+
+Both train the same backbone on the same data, max length, batch (in pairs for TRL, in groups for
+chatrlhf), steps and threads. TRL is fed ids already cut the way chatrlhf cuts them (prompt from
+the left), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded, as its users
+must do. Printed per case: pairs/s, real tokens/s, peak memory, model-FLOPs utilisation against
+a matmul peak measured here (6 x non-embedding parameters x real tokens), and the ratio.
+Needs the benchmark extra: pip install -e '.[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from chatrlhf import config as cfg_lib
+from chatrlhf import models
+from chatrlhf.config import RewardConfig
+from chatrlhf.data import load, save
+from chatrlhf.data.batching import to_groups, tokenize_groups
+from chatrlhf.recipes import reward
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CASES = {
+    # name: (backbone, data file, reader options)
+    "hh-minilm": ("minilm", SHARED / "hh-rlhf/harmless-base/train.jsonl.gz"),
+    "oasst-minilm": ("minilm", SHARED / "oasst/en_80_tree.jsonl"),
+    "hh-smollm2": ("smollm2-135m", SHARED / "hh-rlhf/harmless-base/train.jsonl.gz"),
+}
+
+
+def matmul_peak(dtype=torch.float32, n: int = 1024, repeats: int = 30) -> float:
+    """Measured GFLOP/s of a square matmul, the best of a few timings."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * n**3 / best / 1e9
+
+
+class PeakMemory:
+    """Peak resident memory above the level at start, sampled every 20 ms."""
+
+    def __enter__(self):
+        self.process, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def non_embedding_parameters(model) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+
+
+def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
+    config = cfg_lib.load(RewardConfig, None, {
+        "model": {"name": backbone, "max_length": args.max_length},
+        "data": {"train": str(data_file), "allow_empty": True},
+        "train": {"output_dir": str(workdir / "chatrlhf"), "max_steps": args.steps + 1,
+                  "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0, "bf16": args.bf16},
+    })
+    with PeakMemory() as memory:
+        run = reward.setup(config)
+        run.config.train.save_every = 0
+        reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
+        reward.fit(run)
+    steps = [json.loads(line) for line in (workdir / "chatrlhf" / "metrics.jsonl").read_text().splitlines()][1:]
+    params = non_embedding_parameters(run.model)
+    return summarize(steps, memory.mib, params)
+
+
+def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RewardConfig as TRLConfig
+    from trl import RewardTrainer
+
+    model, tokenizer = models.load_reward_model(backbone)
+    rows = []
+    for group in groups:  # every ordered pair of every group, as TRL users expand rankings
+        for i in range(len(group.replies)):
+            for j in range(len(group.replies)):
+                if group.ranks[i] < group.ranks[j]:
+                    rows.append({"chosen_ids": group.input_ids[i], "rejected_ids": group.input_ids[j]})
+    needed = (args.steps + 1) * args.batch
+    rows = (rows * (needed // len(rows) + 1))[:needed]
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.start)
+
+    training_args = TRLConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch,
+                              max_steps=args.steps + 1, learning_rate=1e-5, report_to=[], save_strategy="no",
+                              logging_strategy="no", max_length=None, use_cpu=True, bf16=args.bf16,
+                              dataloader_num_workers=0, disable_tqdm=True)
+    trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
+                            train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
+    real_tokens = []
+    collator = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collator(examples)
+        real_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    with PeakMemory() as memory:
+        trainer.train()
+    steps = [{"seconds": s, "tokens": t, "pairs": args.batch} for s, t in zip(times, real_tokens)][1:]
+    return summarize(steps, memory.mib, non_embedding_parameters(model))
+
+
+def summarize(steps: list[dict], memory_mib: float, params: int) -> dict:
+    seconds = sum(s["seconds"] for s in steps)
+    tokens = sum(s["tokens"] for s in steps)
+    return {"steps": len(steps), "seconds": seconds, "pairs_per_s": sum(s["pairs"] for s in steps) / seconds,
+            "tokens_per_s": tokens / seconds, "peak_mib": memory_mib,
+            "gflops": 6 * params * tokens / seconds / 1e9}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=[*CASES, "all"], default="hh-minilm")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (one more is run as warm-up)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = list(CASES) if args.case == "all" else [args.case]
+    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
+    print(f"matmul peak ({'bf16' if args.bf16 else 'fp32'}, {args.threads} threads): {peak:.1f} GFLOP/s")
+    for case in cases:
+        backbone, data_file = CASES[case]
+        if not data_file.exists():
+            print(f"{case}: skipped, {data_file} is absent")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            tokenizer = models.load_tokenizer(backbone)
+            records = load(data_file, allow_empty=True).records
+            groups = to_groups(records)
+            tokenize_groups(groups, tokenizer, args.max_length)
+            # Both read the same groups: a copy in the project's format for chatrlhf.
+            data_copy = workdir / "data.jsonl"
+            save(records, data_copy)
+            ours = chatrlhf_run(backbone, data_copy, args, workdir)
+            theirs = trl_run(backbone, groups, args, workdir)
+        print(f"\n{case}: {args.steps} steps, batch {args.batch}, max length {args.max_length}")
+        print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7}")
+        for name, result in (("TRL", theirs), ("chatrlhf", ours)):
+            print(f"{name:10} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "
+                  f"{result['peak_mib']:9.0f} {result['gflops'] / peak:7.1%}")
+        print(f"chatrlhf/TRL pairs/s ratio: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Load test of `chatrlhf serve`: concurrent clients on loopback, with and without micro-batching.
+
+    python bench/serve_load.py --seconds 20 --clients 16
+    python bench/serve_load.py --model runs/reward_hh_minilm/model --items 4 --route get_reward
+
+The script starts the server itself (a subprocess, so clients and server do not share a GIL),
+once per mode, and runs ``--clients`` threads that send requests back to back for ``--seconds``.
+Each request carries ``--items`` (prompt, reply) items, HH-RLHF harmless dev dialogues from
+../shared/data when present (synthetic text otherwise). Printed per mode: requests/s, items/s,
+p50 / p99 latency, mean items per forward pass, and the failed and lost requests (a request is
+lost when its thread has no answer 60 s after the end). Exits 1 if any request failed or was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_DEV = SHARED / "hh-rlhf" / "harmless-base" / "dev.jsonl.gz"
+WORDS = "the a of to and in is it that was for on are with as at be this have from you can".split()
+
+
+def conversations(n: int = 400) -> list[tuple[str, str]]:
+    """(prompt, reply) pairs: real HH dialogues when the shared data is here, else synthetic."""
+    if HH_DEV.exists():
+        from chatrlhf.data import load
+
+        pairs = load(HH_DEV, skip_invalid=True, allow_empty=True).records[:n]
+        return [(p.prompt, p.chosen) for p in pairs]
+    rng = random.Random(0)
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [(f"\n\nHuman: {text(rng.randint(10, 120))}\n\nAssistant:", text(rng.randint(5, 60)))
+            for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "chatrlhf", "serve", args.model, "--port", str(port),
+               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+               "--log-level", "warning"]
+    command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--max-length", str(args.max_length)] if args.max_length else []
+    command += [] if batching else ["--no-batching"]
+    server = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}: {' '.join(command)}")
+        try:
+            if httpx.get(url + "/health", timeout=2).json().get("ready"):
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.terminate()
+    raise SystemExit("the server did not become ready in 180 s")
+
+
+def body(route: str, items: list[tuple[str, str]]) -> dict:
+    if route == "get_reward":  # whole conversations, as OpenRLHF sends them
+        return {"query": [f"{p} {r}" for p, r in items]}
+    return {"items": [{"prompt": p, "reply": r} for p, r in items]}
+
+
+def load_clients(url: str, args, data: list) -> dict:
+    """Run the clients for args.seconds; counts and latencies."""
+    latencies, failures, sent = [], [], [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + args.seconds
+
+    def client(index: int):
+        rng = random.Random(index)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while time.monotonic() < stop_at:
+                items = rng.sample(data, args.items)
+                with lock:
+                    sent[0] += 1
+                started = time.perf_counter()
+                try:
+                    answer = http.post("/" + args.route, json=body(args.route, items))
+                    ok = answer.status_code == 200 and len(answer.json()["rewards"]) == args.items
+                    problem = None if ok else f"{answer.status_code} {answer.text[:200]}"
+                except (httpx.HTTPError, ValueError) as error:
+                    problem = f"{type(error).__name__}: {error}"
+                with lock:
+                    (failures.append(problem) if problem else latencies.append(time.perf_counter() - started))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, stop_at + 60 - time.monotonic()))
+    elapsed = time.monotonic() - started
+    with lock:
+        lost = sent[0] - len(latencies) - len(failures)
+        return {"sent": sent[0], "ok": len(latencies), "failed": len(failures), "lost": lost,
+                "elapsed": elapsed, "latencies": sorted(latencies), "first_failure": failures[:1]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def run_mode(args, data: list, batching: bool) -> dict:
+    server, url = start_server(args, batching)
+    try:
+        warm_up = body(args.route, data[:args.items])
+        httpx.post(url + "/" + args.route, json=warm_up, timeout=120)
+        before = httpx.get(url + "/health").json()["stats"]
+        result = load_clients(url, args, data)
+        after = httpx.get(url + "/health").json()["stats"]
+    finally:
+        server.terminate()
+        server.wait(30)
+    passes = after["forward_passes"] - before["forward_passes"]
+    result["items_per_pass"] = (after["items"] - before["items"]) / max(1, passes)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", help="reward model folder or embedded name")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--items", type=int, default=1, help="items per request")
+    parser.add_argument("--route", choices=["score", "get_reward"], default="score")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument("--max-length", type=int, default=None, help="default: the model's")
+    # On a machine busy with other work, torch's default (one thread per core) spins waiting
+    # for descheduled threads and can be many times slower than --threads 1.
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    args = parser.parse_args()
+
+    data = conversations()
+    source = "HH-RLHF harmless dev" if HH_DEV.exists() else "synthetic text"
+    print(f"model {args.model}; {args.clients} clients x {args.seconds:g} s; {args.items} item(s) per "
+          f"/{args.route} request from {source}; max_batch {args.max_batch}, max_wait "
+          f"{args.max_wait_ms} ms, max_length {args.max_length or 'the model default'}, "
+          f"server threads {args.threads or 'torch default'}")
+    results = {}
+    for batching in (True, False):
+        name = "micro-batching" if batching else "no batching"
+        r = results[name] = run_mode(args, data, batching)
+        lat, rate = r["latencies"], r["ok"] / r["elapsed"]
+        mean = 1000 * statistics.fmean(lat) if lat else float("nan")
+        print(f"{name:>15}: {rate:7.1f} requests/s {rate * args.items:7.1f} items/s | latency p50 "
+              f"{1000 * percentile(lat, 0.5):7.1f} ms p99 {1000 * percentile(lat, 0.99):7.1f} ms "
+              f"(mean {mean:.1f}) | {r['items_per_pass']:.1f} items/forward pass | sent {r['sent']} "
+              f"ok {r['ok']} failed {r['failed']} lost {r['lost']}"
+              + (f" first failure: {r['first_failure'][0]}" if r["failed"] else ""))
+    batched, alone = results["micro-batching"], results["no batching"]
+    ratio = (batched["ok"] / batched["elapsed"]) / max(1e-9, alone["ok"] / alone["elapsed"])
+    print(f"micro-batching / no batching throughput: {ratio:.2f}x")
+    bad = sum(r["failed"] + r["lost"] for r in results.values())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
