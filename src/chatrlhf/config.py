@@ -216,6 +216,8 @@ class TrainConfig:
     bf16: bool = option(False, "bf16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs)")
     log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
     eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
+    share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "
+                                "(same loss, less compute; single process only)")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import losses, metrics, models
+from chatrlhf import losses, metrics, models, sharing
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import load
 from chatrlhf.data.batching import Group, bucketed_batches, collate, to_groups, tokenize_groups
@@ -170,8 +170,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 # ---- fit ------------------------------------------------------------------------------------
 
-def forward_rewards(model, batch: dict) -> torch.Tensor:
-    """(sum K,) float32 rewards of a collated batch."""
+def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int = 0) -> torch.Tensor:
+    """(sum K,) float32 rewards of a collated batch; ``share_prompt`` runs each group's prompt
+    once (decoders only, see sharing.py)."""
+    if share_prompt and sharing.is_decoder(model) and max(batch["group_sizes"]) > 1:
+        return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
+                                             batch["group_sizes"], pad_id)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     return model(**inputs).logits[:, 0].float()
 
@@ -209,6 +213,8 @@ def fit(run: Run) -> dict:
     log_file = Path(train.output_dir) / "metrics.jsonl"
     Path(train.output_dir).mkdir(parents=True, exist_ok=True)
     pad_id = run.tokenizer.pad_token_id
+    # Calling the model's body directly would bypass DDP's gradient synchronisation.
+    share = train.share_prompt and accelerator.num_processes == 1
     epoch_batches: dict[int, list[list[int]]] = {}
     recent_loss, recent_correct, recent_total = [], 0, 0
     last_eval: dict = {}
@@ -235,7 +241,7 @@ def fit(run: Run) -> dict:
             sync = micro == train.grad_accum - 1
             with (accelerator.no_sync(model) if not sync else _nullcontext()):
                 with accelerator.autocast():
-                    rewards = forward_rewards(model, batch)
+                    rewards = forward_rewards(model, batch, share, pad_id)
                 loss = group_loss(rewards, batch, config, tie_nu)
                 if not torch.isfinite(loss):
                     records = [g.record_index for g in groups]
