@@ -7,7 +7,11 @@ Both train the same backbone on the same data, max length, batch (in pairs for T
 chatrlhf), steps and threads. TRL is fed ids already cut the way chatrlhf cuts them (prompt from
 the left), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded, as its users
 must do. Printed per case: pairs/s, real tokens/s, peak memory, model-FLOPs utilisation against
-a matmul peak measured here (6 x non-embedding parameters x real tokens), and the ratio.
+a matmul peak measured here (6 x non-embedding parameters x real tokens), and the ratio. Each
+side runs in its own child process, so its peak resident memory is its own. Scoring is compared
+too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
+user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
+token-budget batches.
 Needs the benchmark extra: pip install -e '.[bench]'.
 """
 
@@ -15,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import resource
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from chatrlhf import config as cfg_lib
@@ -55,28 +58,12 @@ def matmul_peak(dtype=torch.float32, n: int = 1024, repeats: int = 30) -> float:
     return 2 * n**3 / best / 1e9
 
 
-class PeakMemory:
-    """Peak resident memory above the level at start, sampled every 20 ms."""
-
-    def __enter__(self):
-        self.process, self.stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.02):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.mib = (self.peak - self.base) / 2**20
-
-
 def non_embedding_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
@@ -84,16 +71,15 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
         "model": {"name": backbone, "max_length": args.max_length},
         "data": {"train": str(data_file), "allow_empty": True},
         "train": {"output_dir": str(workdir / "chatrlhf"), "max_steps": args.steps + 1,
-                  "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0, "bf16": args.bf16},
+                  "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0, "bf16": args.bf16,
+                  "share_prompt": not args.no_share},
     })
-    with PeakMemory() as memory:
-        run = reward.setup(config)
-        run.config.train.save_every = 0
-        reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
-        reward.fit(run)
-    steps = [json.loads(line) for line in (workdir / "chatrlhf" / "metrics.jsonl").read_text().splitlines()][1:]
-    params = non_embedding_parameters(run.model)
-    return summarize(steps, memory.mib, params)
+    run = reward.setup(config)
+    reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
+    reward.fit(run)
+    lines = (workdir / "chatrlhf" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in lines][1:]  # the first step is a warm-up
+    return summarize(steps, non_embedding_parameters(run.model))
 
 
 def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
@@ -111,7 +97,7 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
                     rows.append({"chosen_ids": group.input_ids[i], "rejected_ids": group.input_ids[j]})
     needed = (args.steps + 1) * args.batch
     rows = (rows * (needed // len(rows) + 1))[:needed]
-    times = []
+    times, real_tokens = [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -126,7 +112,6 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
                               dataloader_num_workers=0, disable_tqdm=True)
     trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
-    real_tokens = []
     collator = trainer.data_collator
 
     def counting_collator(examples):
@@ -135,55 +120,108 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
         return batch
 
     trainer.data_collator = counting_collator
-    with PeakMemory() as memory:
-        trainer.train()
+    trainer.train()
     steps = [{"seconds": s, "tokens": t, "pairs": args.batch} for s, t in zip(times, real_tokens)][1:]
-    return summarize(steps, memory.mib, non_embedding_parameters(model))
+    return summarize(steps, non_embedding_parameters(model))
 
 
-def summarize(steps: list[dict], memory_mib: float, params: int) -> dict:
+@torch.inference_mode()
+def plain_scoring(backbone: str, groups) -> float:
+    """Seconds to score every reply with plain transformers: batches of 32 in file order."""
+    model, tokenizer = models.load_reward_model(backbone)
+    model.eval()
+    sequences = [ids for g in groups for ids in g.input_ids]
+    start = time.perf_counter()
+    for i in range(0, len(sequences), 32):
+        batch = tokenizer.pad({"input_ids": sequences[i:i + 32]}, return_tensors="pt")
+        model(**batch)
+    return time.perf_counter() - start
+
+
+def our_scoring(backbone: str, groups) -> float:
+    model, tokenizer = models.load_reward_model(backbone)
+    start = time.perf_counter()
+    reward.score_groups(model, groups, tokenizer.pad_token_id)
+    return time.perf_counter() - start
+
+
+def summarize(steps: list[dict], params: int) -> dict:
     seconds = sum(s["seconds"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
     return {"steps": len(steps), "seconds": seconds, "pairs_per_s": sum(s["pairs"] for s in steps) / seconds,
-            "tokens_per_s": tokens / seconds, "peak_mib": memory_mib,
+            "tokens_per_s": tokens / seconds, "peak_mib": peak_mib(),
             "gflops": 6 * params * tokens / seconds / 1e9}
+
+
+def load_groups(backbone: str, data_file: Path, max_length: int, limit: int | None = None):
+    tokenizer = models.load_tokenizer(backbone)
+    records = load(data_file, allow_empty=True).records[:limit]
+    groups = to_groups(records)
+    tokenize_groups(groups, tokenizer, max_length)
+    return records, groups
+
+
+def side(args) -> dict:
+    """One side of one case, run in this (child) process."""
+    backbone, data_file = CASES[args.case]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        records, groups = load_groups(backbone, data_file, args.max_length)
+        if args.side == "chatrlhf":
+            save(records, workdir / "data.jsonl")  # the same records, in the project's format
+            return chatrlhf_run(backbone, workdir / "data.jsonl", args, workdir)
+        if args.side == "trl":
+            return trl_run(backbone, groups, args, workdir)
+        groups = groups[:args.score_groups]
+        return {"replies": sum(len(g.replies) for g in groups),
+                "plain": plain_scoring(backbone, groups), "chatrlhf": our_scoring(backbone, groups)}
+
+
+def in_child(args, which: str) -> dict:
+    command = [sys.executable, __file__, "--side", which, *sys.argv[1:]]
+    command[command.index("--case") + 1] = args.case
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{which} on {args.case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=[*CASES, "all"], default="hh-minilm")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (one more is run as warm-up)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (one more is run as warm-up)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    parser.add_argument("--no-share", action="store_true", help="chatrlhf without prompt sharing (decoders)")
+    parser.add_argument("--score-groups", type=int, default=400, help="groups scored in the scoring test")
+    parser.add_argument("--side", choices=["chatrlhf", "trl", "scoring"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.side:
+        print(json.dumps(side(args)))
+        return 0
+    if "--case" not in sys.argv:
+        sys.argv += ["--case", args.case]
     cases = list(CASES) if args.case == "all" else [args.case]
     peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
     print(f"matmul peak ({'bf16' if args.bf16 else 'fp32'}, {args.threads} threads): {peak:.1f} GFLOP/s")
     for case in cases:
-        backbone, data_file = CASES[case]
-        if not data_file.exists():
-            print(f"{case}: skipped, {data_file} is absent")
+        args.case = case
+        if not CASES[case][1].exists():
+            print(f"{case}: skipped, {CASES[case][1]} is absent")
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            workdir = Path(tmp)
-            tokenizer = models.load_tokenizer(backbone)
-            records = load(data_file, allow_empty=True).records
-            groups = to_groups(records)
-            tokenize_groups(groups, tokenizer, args.max_length)
-            # Both read the same groups: a copy in the project's format for chatrlhf.
-            data_copy = workdir / "data.jsonl"
-            save(records, data_copy)
-            ours = chatrlhf_run(backbone, data_copy, args, workdir)
-            theirs = trl_run(backbone, groups, args, workdir)
+        ours, theirs = in_child(args, "chatrlhf"), in_child(args, "trl")
         print(f"\n{case}: {args.steps} steps, batch {args.batch}, max length {args.max_length}")
         print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7}")
         for name, result in (("TRL", theirs), ("chatrlhf", ours)):
             print(f"{name:10} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "
                   f"{result['peak_mib']:9.0f} {result['gflops'] / peak:7.1%}")
-        print(f"chatrlhf/TRL pairs/s ratio: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
+        print(f"chatrlhf/TRL training pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
+        scoring = in_child(args, "scoring")
+        print(f"scoring {scoring['replies']} replies: plain transformers {scoring['plain']:.1f} s, "
+              f"chatrlhf {scoring['chatrlhf']:.1f} s, {scoring['plain'] / scoring['chatrlhf']:.2f}x")
     return 0
 
 

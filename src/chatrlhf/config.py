@@ -149,6 +149,8 @@ class ModelConfig:
     name: str = option("minilm", "backbone: 'minilm', 'smollm2-135m', a hub id or a local folder")
     max_length: int = option(256, "max tokens per (prompt, reply), special tokens included")
     max_reply_tokens: int | None = option(None, "reply budget when cutting; default 3/4 of max_length")
+    dropout: bool = option(False, "keep the backbone's dropout while training (off by default, as in "
+                           "TRL and DeepSpeed-Chat: one text should get one reward; also faster)")
     lora_r: int = option(0, "LoRA rank; 0 trains every weight")
     lora_alpha: int = option(16, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")

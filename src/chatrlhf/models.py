@@ -96,13 +96,15 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_reward_model(name_or_path: str, lora: dict | None = None, dtype=torch.float32):
+def load_reward_model(name_or_path: str, lora: dict | None = None, dtype=torch.float32,
+                      dropout: bool = True):
     """Load a backbone (or a saved reward model) as a scalar-head sequence classifier.
 
     Args:
         name_or_path: "minilm", "smollm2-135m", a hub id, or a local folder. A folder saved by
             chatrlhf with an ``adapter/`` subfolder is reloaded with its LoRA adapter and head.
         lora: None for full fine-tuning, or peft LoraConfig arguments (r, lora_alpha, ...).
+        dropout: False sets the backbone's dropout to 0 (LoRA's own dropout is kept).
     Returns:
         (model, tokenizer); with LoRA the model is a peft model whose head trains fully.
     """
@@ -114,6 +116,8 @@ def load_reward_model(name_or_path: str, lora: dict | None = None, dtype=torch.f
         resolve(base_path), num_labels=1, dtype=dtype
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if not dropout:
+        disable_dropout(model)
     if adapter.exists():
         from peft import PeftModel
 
@@ -126,6 +130,15 @@ def load_reward_model(name_or_path: str, lora: dict | None = None, dtype=torch.f
         config = LoraConfig(task_type=TaskType.SEQ_CLS, **lora)
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout probability of ``model`` to 0 (the saved config is left as it was)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "attention_dropout", None), float):  # Llama, Qwen, ...
+            module.attention_dropout = 0.0
 
 
 def save_reward_model(model, tokenizer, folder: str | Path, metadata: dict,

@@ -130,7 +130,8 @@ def setup(config: RewardConfig) -> Run:
         if resume_from is None:
             log(f"no checkpoint in {train.output_dir}/{CHECKPOINTS}; starting from the beginning")
     model_source = str(resume_from) if resume_from else config.model.name
-    model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora())
+    model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora(),
+                                                dropout=config.model.dropout)
 
     train_groups = load_groups(config.data.train, config, tokenizer, config.data.limit, log)
     dev_groups = load_groups(config.data.dev, config, tokenizer, log=log) if config.data.dev else []
