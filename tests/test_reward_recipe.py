@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from chatrlhf import models
+from chatrlhf import models, training
 from chatrlhf.cli import main
 from chatrlhf.recipes import reward
 from conftest import separable_pairs, write_jsonl
@@ -84,8 +84,8 @@ def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_bert, monke
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_bert, capsys):
     out = train(tmp_path, tiny_bert, separable_pairs(32, seed=5), "train.max_steps=4", "train.save_every=2")
     newest = out / "checkpoints" / "step-0000004"
-    (newest / reward.STATE_FILE).write_bytes(b"truncated")
-    assert reward.latest_checkpoint(out) == out / "checkpoints" / "step-0000002"
+    (newest / training.STATE_FILE).write_bytes(b"truncated")
+    assert training.latest_checkpoint(out) == out / "checkpoints" / "step-0000002"
     assert "unreadable" in capsys.readouterr().err
 
 

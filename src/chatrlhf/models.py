@@ -141,9 +141,8 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
-def save_reward_model(model, tokenizer, folder: str | Path, metadata: dict,
-                      state: dict | None = None) -> None:
-    """Save a standard HF sequence classifier (+ ``adapter/`` for LoRA) and chatrlhf.json.
+def save_model(model, tokenizer, folder: str | Path, metadata: dict, state: dict | None = None) -> None:
+    """Save a standard HF model (+ ``adapter/`` for LoRA, and the merged model) and chatrlhf.json.
 
     ``state`` maps file names to objects saved with torch.save beside the model (training
     state of a checkpoint); they are written last, inside the same atomic rename.

@@ -13,29 +13,26 @@ setup -> fit -> evaluate -> save, in plain sight below. The same command runs un
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import math
-import random
-import shutil
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import losses, metrics, models, sharing
+from chatrlhf import losses, metrics, models, sharing, training
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import load
 from chatrlhf.data.batching import Group, bucketed_batches, collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, ScoredSample, kind_of
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"
+from chatrlhf.training import CHECKPOINTS
 
 
 @dataclass
@@ -83,36 +80,6 @@ def load_groups(path: str, config: RewardConfig, tokenizer, limit: int | None = 
 
 # ---- setup ----------------------------------------------------------------------------------
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose training state loads; broken ones are reported and passed over."""
-    folder = Path(output_dir) / CHECKPOINTS
-    candidates = sorted(folder.glob("step-*"), reverse=True) if folder.exists() else []
-    for candidate in candidates:
-        try:
-            torch.load(candidate / STATE_FILE, weights_only=False)
-            return candidate
-        except Exception as error:  # a truncated or corrupted file: fall back to an older one
-            print(f"checkpoint {candidate} is unreadable ({error}); trying an older one", file=sys.stderr)
-    return None
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 if schedule == "constant" else max(0.0, 1 - progress)
-    return factor
-
-
 def setup(config: RewardConfig) -> Run:
     from accelerate import Accelerator
 
@@ -120,15 +87,11 @@ def setup(config: RewardConfig) -> Run:
     accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no",
                               log_with=train.log_with, project_dir=train.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    seed_everything(train.seed)
+    training.seed_everything(train.seed)
     if not config.data.train:
         raise ValueError("data.train is not set: give a training file, e.g. data.train=pairs.jsonl")
 
-    resume_from = None
-    if train.resume:
-        resume_from = Path(train.resume) if isinstance(train.resume, str) else latest_checkpoint(train.output_dir)
-        if resume_from is None:
-            log(f"no checkpoint in {train.output_dir}/{CHECKPOINTS}; starting from the beginning")
+    resume_from = training.resume_path(train.resume, train.output_dir, log)
     model_source = str(resume_from) if resume_from else config.model.name
     model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora(),
                                                 dropout=config.model.dropout)
@@ -138,21 +101,13 @@ def setup(config: RewardConfig) -> Run:
 
     batches_per_epoch = math.ceil(len(train_groups) / train.batch_size)
     total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
-                                  weight_decay=train.weight_decay)
-    warmup = int(train.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.schedule, warmup, total_steps))
+    optimizer, scheduler = training.optimizer_and_scheduler(
+        model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(config, accelerator, model, tokenizer, train_groups, dev_groups, optimizer, scheduler,
               total_steps, batches_per_epoch)
     if resume_from:
-        state = torch.load(resume_from / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng_python"])
-        np.random.set_state(state["rng_numpy"])
-        torch.set_rng_state(state["rng_torch"])
-        run.start_step = state["step"]
+        run.start_step = training.restore_state(resume_from, optimizer, scheduler)["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
     if train.log_with:
         accelerator.init_trackers("reward", config=_flat(cfg_lib.to_dict(config)))
@@ -240,7 +195,7 @@ def fit(run: Run) -> dict:
             tokens += int(batch["attention_mask"].sum())
             step_pairs += sum(k * (k - 1) // 2 for k in batch["group_sizes"])
             sync = micro == train.grad_accum - 1
-            with (accelerator.no_sync(model) if not sync else _nullcontext()):
+            with (accelerator.no_sync(model) if not sync else nullcontext()):
                 with accelerator.autocast():
                     rewards = forward_rewards(model, batch, share, pad_id)
                 loss = group_loss(rewards, batch, config, tie_nu)
@@ -295,14 +250,6 @@ def fit(run: Run) -> dict:
     return last_eval
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---- evaluate -------------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -334,7 +281,7 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
                              token_type_ids=[types[(gi, ri)]] if types else None) for gi, ri, ids in items]
         batch = collate(fake_groups, pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with (autocast() if autocast else _nullcontext()):
+        with (autocast() if autocast else nullcontext()):
             rewards = forward_rewards(model, batch).tolist()
         for (gi, ri, _), reward in zip(items, rewards):
             out[gi][ri] = reward
@@ -372,28 +319,17 @@ def save_checkpoint(run: Run, step: int) -> None:
     """Model (HF format) and training state, written whole or not at all; old ones pruned."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    state = {
-        "step": step,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "rng_python": random.getstate(),
-        "rng_numpy": np.random.get_state(),
-        "rng_torch": torch.get_rng_state(),
-    }
-    folder = Path(run.config.train.output_dir) / CHECKPOINTS / f"step-{step:07d}"
-    models.save_reward_model(accelerator.unwrap_model(run.model), run.tokenizer, folder,
-                             metadata(run.config), state={STATE_FILE: state})
-    old = sorted(folder.parent.glob("step-*"))[:-run.config.train.keep_checkpoints]
-    for path in old:
-        shutil.rmtree(path, ignore_errors=True)
+    if accelerator.is_main_process:
+        training.save_checkpoint(run.config.train.output_dir, step, accelerator.unwrap_model(run.model),
+                                 run.tokenizer, metadata(run.config),
+                                 training.training_state(step, run.optimizer, run.scheduler),
+                                 run.config.train.keep_checkpoints)
 
 
 def save_final(run: Run, result: dict) -> Path:
     folder = Path(run.config.train.output_dir) / "model"
     if run.accelerator.is_main_process:
-        models.save_reward_model(run.accelerator.unwrap_model(run.model), run.tokenizer, folder,
+        models.save_model(run.accelerator.unwrap_model(run.model), run.tokenizer, folder,
                                  metadata(run.config, result))
     run.accelerator.wait_for_everyone()
     return folder
@@ -459,7 +395,7 @@ def score_command(args) -> int:
                              "train with a dev set to record them")
         rewards = [[(r - mean) / std for r in group] for group in rewards]
     out = open(args.output, "w") if args.output else sys.stdout
-    with out if args.output else _nullcontext():
+    with out if args.output else nullcontext():
         for index, (record, group_rewards) in enumerate(zip(records, rewards)):
             out.write(json.dumps({"record": index, "kind": kind_of(record), "rewards": group_rewards}) + "\n")
     print(f"scored {sum(len(g) for g in rewards)} replies of {len(records)} records"

@@ -1,0 +1,103 @@
+"""Pieces every training recipe shares: seeding, the learning-rate schedule, checkpoints.
+
+A checkpoint is a folder ``OUTPUT/checkpoints/step-NNNNNNN`` holding the model in the Hugging Face
+format and ``trainer_state.pt`` (step, optimizer, scheduler, random states, and whatever else the
+recipe adds). It is written to a temporary folder and renamed (``models.save_model``), so a kill
+never leaves half a checkpoint; an unreadable one is reported and an older one used.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatrlhf import models
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if schedule == "constant" else max(0.0, 1 - progress)
+    return factor
+
+
+def optimizer_and_scheduler(model, lr: float, weight_decay: float, schedule: str,
+                            warmup_ratio: float, total_steps: int):
+    """AdamW over the trainable parameters and its LambdaLR schedule."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    warmup = int(warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup, total_steps))
+    return optimizer, scheduler
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose training state loads; broken ones are reported and passed over."""
+    folder = Path(output_dir) / CHECKPOINTS
+    candidates = sorted(folder.glob("step-*"), reverse=True) if folder.exists() else []
+    for candidate in candidates:
+        try:
+            torch.load(candidate / STATE_FILE, weights_only=False)
+            return candidate
+        except Exception as error:  # a truncated or corrupted file: fall back to an older one
+            print(f"checkpoint {candidate} is unreadable ({error}); trying an older one", file=sys.stderr)
+    return None
+
+
+def resume_path(resume: bool | str, output_dir: str | Path, log=print) -> Path | None:
+    """What ``train.resume`` points at: a given checkpoint, the latest one, or None."""
+    if not resume:
+        return None
+    if isinstance(resume, str):
+        return Path(resume)
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        log(f"no checkpoint in {output_dir}/{CHECKPOINTS}; starting from the beginning")
+    return found
+
+
+def training_state(step: int, optimizer, scheduler, **extra) -> dict:
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng_python": random.getstate(), "rng_numpy": np.random.get_state(),
+            "rng_torch": torch.get_rng_state(), **extra}
+
+
+def restore_state(checkpoint: Path, optimizer, scheduler) -> dict:
+    """Load optimizer, scheduler and random states from a checkpoint; returns the whole state."""
+    state = torch.load(Path(checkpoint) / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng_python"])
+    np.random.set_state(state["rng_numpy"])
+    torch.set_rng_state(state["rng_torch"])
+    return state
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, metadata: dict,
+                    state: dict, keep: int) -> Path:
+    """Write ``step-NNNNNNN`` atomically and prune all but the ``keep`` newest."""
+    folder = Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
+    models.save_model(model, tokenizer, folder, metadata, state={STATE_FILE: state})
+    for path in sorted(folder.parent.glob("step-*"))[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return folder
