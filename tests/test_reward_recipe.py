@@ -146,3 +146,23 @@ def test_regression_objective_on_scored_samples(tmp_path, tiny_bert):
 def test_bad_config_value_is_a_clear_error(tmp_path, tiny_bert, capsys):
     assert main(["reward", "train", "train.lr=fast"]) == 2
     assert "train.lr: expected float, found 'fast'" in capsys.readouterr().err
+
+
+def test_length_sorted_chunks_give_the_same_rewards_and_gradients(tiny_bert):
+    from chatrlhf.data.batching import Group, collate, tokenize_groups
+
+    model, tokenizer = models.load_reward_model(tiny_bert, dropout=False)
+    groups = [Group(row["prompt"], [row["chosen"], row["rejected"] + " the" * (3 * i)], [0, 1])
+              for i, row in enumerate(separable_pairs(6, seed=9))]
+    tokenize_groups(groups, tokenizer, max_length=64)
+    batch = collate(groups, tokenizer.pad_token_id)
+    results = []
+    for rows in (0, 5):  # one padded forward, then length-sorted chunks of 5 rows (3 calls)
+        model.zero_grad()
+        rewards = reward.forward_rewards(model, batch, rows_per_forward=rows)
+        rewards.square().sum().backward()
+        results.append((rewards.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (one, one_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-5)
+    for a, b in zip(one_grads, chunked_grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

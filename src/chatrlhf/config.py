@@ -220,11 +220,15 @@ class TrainConfig:
     eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
     share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "
                                 "(same loss, less compute; single process only)")
+    rows_per_forward: int = option(8, "run a batch's sequences sorted by length in chunks of this many "
+                                   "rows, each padded only to its own longest (0: one forward)")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
+        if self.rows_per_forward < 0:
+            raise ValueError(f"train.rows_per_forward: expected >= 0, found {self.rows_per_forward}")
         if self.lr <= 0:
             raise ValueError(f"train.lr: expected > 0, found {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -96,8 +96,8 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int,
 
 def bucketed_batches(groups: list[Group], batch_size: int, seed: int, epoch: int,
                      bucket_batches: int = 50) -> list[list[int]]:
-    """Indices of groups per batch: shuffled, then sorted by length within windows of
-    ``bucket_batches`` batches so each batch has similar lengths (little padding), then the
+    """Indices of groups per batch: shuffled, then sorted by their longest reply within windows
+    of ``bucket_batches`` batches so each batch has similar lengths (little padding), then the
     batches shuffled. Deterministic in (seed, epoch), which is what makes resume exact.
     """
     rng = random.Random(seed * 100_003 + epoch)
@@ -106,7 +106,7 @@ def bucketed_batches(groups: list[Group], batch_size: int, seed: int, epoch: int
     window = batch_size * bucket_batches
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: groups[i].num_tokens)
+        chunk = sorted(order[start:start + window], key=lambda i: max(map(len, groups[i].input_ids)))
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
