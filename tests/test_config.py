@@ -10,10 +10,21 @@ from chatrlhf.config import RewardConfig
 PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
+def config_class(preset: Path):
+    """A preset's config class, from the recipe its name starts with (reward_..., dpo_...)."""
+    import importlib
+
+    recipe = preset.name.split("_")[0]
+    module = importlib.import_module(f"chatrlhf.recipes.{recipe}")
+    names = {"reward": "RewardConfig", "sft": "SFTConfig", "dpo": "DPOConfig", "ppo": "PPOConfig",
+             "label": "LabelConfig"}
+    return RewardConfig if recipe == "reward" else getattr(module, names[recipe])
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_shipped_preset_loads(preset):
-    loaded = config.load(RewardConfig, preset)
-    assert loaded.model.name and loaded.data.train
+    loaded = config.load(config_class(preset), preset)
+    assert loaded == config.from_dict(type(loaded), config.to_dict(loaded))  # a serialised config
 
 
 def test_overrides_in_both_forms_win_over_the_preset(tmp_path):

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input and bad configuration end with the message alone, not a traceback.
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        # Bad input, bad configuration and a non-finite loss end with the message alone.
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ never leaves half a checkpoint; an unreadable one is reported and an older one u
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from chatrlhf import models
 
@@ -51,13 +53,37 @@ def optimizer_and_scheduler(model, lr: float, weight_decay: float, schedule: str
     return optimizer, scheduler
 
 
+def check_checkpoint(folder: Path) -> None:
+    """Raise if a checkpoint folder cannot be resumed from: its training state, metadata or
+    model weights do not load (a truncated or corrupted file; a bit flip inside a tensor is
+    not detected, there are no checksums)."""
+    torch.load(folder / STATE_FILE, weights_only=False)
+    json.loads((folder / models.METADATA_FILE).read_text())
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"no model weights in {folder}")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            with safe_open(file, "pt") as tensors:  # checks the header against the file size
+                for name in tensors.keys():
+                    tensors.get_slice(name)
+        else:
+            torch.load(file, weights_only=True)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose training state loads; broken ones are reported and passed over."""
+    """The newest checkpoint that loads; broken ones are reported and passed over, and folders
+    left by a write that was killed (``.step-*``, never renamed into place) are reported."""
     folder = Path(output_dir) / CHECKPOINTS
     candidates = sorted(folder.glob("step-*"), reverse=True) if folder.exists() else []
+    unfinished = sorted(folder.glob(".step-*")) if folder.exists() else []
+    if unfinished:
+        print(f"ignoring {len(unfinished)} unfinished checkpoint folder(s) left by an interrupted "
+              f"write: {', '.join(p.name for p in unfinished)} (removed at the next save)",
+              file=sys.stderr)
     for candidate in candidates:
         try:
-            torch.load(candidate / STATE_FILE, weights_only=False)
+            check_checkpoint(candidate)
             return candidate
         except Exception as error:  # a truncated or corrupted file: fall back to an older one
             print(f"checkpoint {candidate} is unreadable ({error}); trying an older one", file=sys.stderr)
@@ -97,6 +123,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, metadat
                     state: dict, keep: int) -> Path:
     """Write ``step-NNNNNNN`` atomically and prune all but the ``keep`` newest."""
     folder = Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
+    # Staging folders of a write that was killed: never renamed into place, never read.
+    for stale in folder.parent.glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     models.save_model(model, tokenizer, folder, metadata, state={STATE_FILE: state})
     for path in sorted(folder.parent.glob("step-*"))[:-keep]:
         shutil.rmtree(path, ignore_errors=True)

@@ -205,27 +205,46 @@ def _rows(path, source: str, nan_as_missing: bool) -> Iterator[tuple[_Place, Any
             table = pcsv.read_csv(file)
         return _table_rows(iter(table.to_pylist()), nan_as_missing)
     if name.endswith((".jsonl", ".json", ".ndjson")):
-        with _open(path) as file:
-            text = file.read()
-        if text.lstrip().startswith("["):
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as file:
+            data = file.read().removeprefix(b"\xef\xbb\xbf")  # a byte order mark is no data
+        if data.lstrip().startswith(b"["):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = data.count(b"\n", 0, error.start) + 1
+                bad = RecordError(source, f"line {line}", None, "UTF-8 text",
+                                  f"the bytes {data[error.start:error.end]!r}", "not UTF-8")
+                raise DataError(source, [bad], 1) from None
             return _json_list_rows(text, source, nan_as_missing)
-        return _json_lines_rows(text, nan_as_missing)
+        return _json_lines_rows(data, nan_as_missing)
     raise ValueError(f"{path}: unknown file type; use .jsonl, .json, .parquet or .csv "
                      f"(optionally .gz), or a folder saved by datasets")
 
 
-def _json_lines_rows(text: str, nan_as_missing: bool):
+def _json_lines_rows(data: bytes, nan_as_missing: bool):
     constants = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines would also split on U+2028, U+0085, ... which JSON
+    # strings may hold raw (json.dumps with ensure_ascii=False writes them so).
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        place = _Place(f"line {number}")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield place, Invalid(None, "UTF-8 text", f"the bytes {raw[error.start:error.end]!r} at "
+                                 f"byte {error.start + 1}", "not UTF-8")
+            continue
         if not line.strip():
             continue
-        place = _Place(f"line {number}")
         try:
             row = json.loads(line, parse_constant=lambda name: constants.append(name)
                              or Constant(name))
         except json.JSONDecodeError as error:
             yield place, Invalid(None, "a JSON object", f"invalid JSON ({error.msg} at column "
                                  f"{error.colno})", "invalid JSON")
+            continue
+        except RecursionError:
+            constants.clear()
+            yield place, Invalid(None, "a JSON object", "invalid JSON (nested too deeply)", "invalid JSON")
             continue
         yield place, _checked(row, bool(constants), nan_as_missing)
         constants.clear()
@@ -246,6 +265,10 @@ def _json_list_rows(text: str, source: str, nan_as_missing: bool):
         number += 1
         try:
             row, end = decoder.raw_decode(text, position)
+        except RecursionError:
+            bad = RecordError(source, f"record {number}", None, "a valid JSON list",
+                              "invalid JSON (nested too deeply)", "invalid JSON")
+            raise DataError(source, [bad], 1) from None
         except json.JSONDecodeError as error:
             # One broken record breaks the list: there is no line to resynchronise on.
             bad = RecordError(source, f"record {number} (line {error.lineno})", None,

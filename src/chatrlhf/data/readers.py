@@ -26,7 +26,7 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 def read_chatrlhf(row: dict, notes: Counter) -> list[Record]:
     """The project's own format: one ``to_dict(record)`` per row, ``kind`` names the record type."""
     kind = get(row, "kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise Invalid("kind", f"one of {sorted(KINDS)}", describe(kind), "wrong type")
     record_type = KINDS[kind]
     values = {}
@@ -36,7 +36,10 @@ def read_chatrlhf(row: dict, notes: Counter) -> list[Record]:
             values[spec.name] = row[spec.name]
     meta = values.get("meta", {})
     if isinstance(meta, str):  # Parquet stores meta as JSON text, see save()
-        meta = json.loads(meta)
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            raise Invalid("meta", "an object (or its JSON text)", describe(meta), "wrong type") from None
     if not isinstance(meta, dict):
         raise Invalid("meta", "an object", describe(meta), "wrong type")
     values["meta"] = meta
@@ -143,6 +146,9 @@ def read_oasst(row: dict, notes: Counter) -> list[Record]:
             raise Invalid(f"{path}.replies", "a list", describe(children), "wrong type")
         for i, child in enumerate(children):
             stack.append((child, chat, f"{path}.replies[{i}]"))
+        for i, child in enumerate(children):
+            if not isinstance(child, dict):
+                raise Invalid(f"{path}.replies[{i}]", "a message (an object)", describe(child), "wrong type")
         if len(children) < 2:
             continue  # a lone reply is a continuation, not a comparison: nothing left out
         ranked = [c for c in children if c.get("rank") is not None]
@@ -162,7 +168,7 @@ def read_oasst(row: dict, notes: Counter) -> list[Record]:
         order = sorted({c["rank"] for c in ranked})
         rankings.append(Ranking(
             prompt=chat,
-            replies=[c["text"] for c in ranked],
+            replies=[text(c, "text", True) for c in ranked],
             ranks=[order.index(c["rank"]) for c in ranked],
             meta={"message_tree_id": row.get("message_tree_id"),
                   "message_ids": [c.get("message_id") for c in ranked]},

@@ -193,5 +193,7 @@ def check_record(record: Record, allow_empty: bool = False) -> None:
         if not isinstance(record.reply, str) or (not allow_empty and not record.reply.strip()):
             raise Invalid("reply", "a non-empty reply", describe(record.reply), "empty reply")
         number({"score": record.score}, "score")
+        if record.rater_scores is not None and not isinstance(record.rater_scores, list):
+            raise Invalid("rater_scores", "a list of numbers", describe(record.rater_scores), "wrong type")
         for i, score in enumerate(record.rater_scores or []):
             number({f"rater_scores[{i}]": score}, f"rater_scores[{i}]")

@@ -84,9 +84,14 @@ def setup(config: RewardConfig) -> Run:
     from accelerate import Accelerator
 
     train = config.train
-    accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no",
+    # cpu=True on a machine without GPU: processes started by `accelerate launch` (torchrun)
+    # then join a gloo group instead of each running alone (configs/accelerate/cpu_2proc.yaml).
+    accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no", cpu=not has_accelerator(),
                               log_with=train.log_with, project_dir=train.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    if accelerator.num_processes > 1:
+        log(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value} on "
+            f"{accelerator.device.type}); each takes its share of every batch")
     training.seed_everything(train.seed)
     if not config.data.train:
         raise ValueError("data.train is not set: give a training file, e.g. data.train=pairs.jsonl")
@@ -114,6 +119,12 @@ def setup(config: RewardConfig) -> Run:
     if train.log_with:
         accelerator.init_trackers("reward", config=_flat(cfg_lib.to_dict(config)))
     return run
+
+
+def has_accelerator() -> bool:
+    """A GPU (or other accelerator) torch can use."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator else torch.cuda.is_available()
 
 
 def drop_later_steps(log_file: Path, step: int, log=print) -> None:
@@ -255,9 +266,11 @@ def fit(run: Run) -> dict:
                     recent_correct, recent_total = recent_correct + c, recent_total + c + w
         # Without clipping (max_grad_norm 0) the norm is still measured (an infinite bound
         # clips nothing): a non-finite gradient must stop the run before the optimizer step.
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
-                                                      train.max_grad_norm or float("inf")))
-        if not math.isfinite(grad_norm):
+        # (DeepSpeed clips inside its engine, by its config's gradient_clipping, and gives no
+        # norm before its first step: None.)
+        norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm or float("inf"))
+        grad_norm = float("nan") if norm is None else float(norm)
+        if norm is not None and not math.isfinite(grad_norm):
             raise non_finite("gradient norm", grad_norm, step, step_groups, run)
         run.optimizer.step()
         run.scheduler.step()
