@@ -11,7 +11,7 @@ import sys
 
 from chatrlhf import serve
 from chatrlhf.data import cli as data_cli
-from chatrlhf.recipes import reward
+from chatrlhf.recipes import label, reward
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     data_cli.add_parser(commands)
     reward.add_parser(commands)
+    label.add_parser(commands)
     serve.add_parser(commands)
     return parser
 
