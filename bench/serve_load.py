@@ -9,12 +9,22 @@ Each request carries ``--items`` (prompt, reply) items, HH-RLHF harmless dev dia
 ../shared/data when present (synthetic text otherwise). Printed per mode: requests/s, items/s,
 p50 / p99 latency, mean items per forward pass, and the failed and lost requests (a request is
 lost when its thread has no answer 60 s after the end). Exits 1 if any request failed or was lost.
+
+With ``--abuse N``, N more threads attack the server meanwhile (``ABUSES``: malformed JSON, wrong
+types, bodies over the limit declared or chunked, clients that stall in the head or mid-body,
+clients that leave mid-request, bytes that are not HTTP); each attack's answer is checked, and an
+unexpected one (or a failed or lost request of the real clients) also exits 1:
+
+    python bench/serve_load.py --seconds 20 --clients 16 --abuse 8 --read-timeout 2
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import random
+import select
 import socket
 import statistics
 import subprocess
@@ -22,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -53,10 +64,11 @@ def start_server(args, batching: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "chatrlhf", "serve", args.model, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-               "--log-level", "warning"]
+               "--log-level", "error" if args.abuse else "warning"]  # not one line per attack
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--max-length", str(args.max_length)] if args.max_length else []
     command += [] if batching else ["--no-batching"]
+    command += ["--read-timeout", str(args.read_timeout), "--max-body-bytes", str(args.max_body_bytes)]
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -115,6 +127,118 @@ def load_clients(url: str, args, data: list) -> dict:
                 "elapsed": elapsed, "latencies": sorted(latencies), "first_failure": failures[:1]}
 
 
+# ---- abuse: raw sockets, so that malformed and unfinished requests can be sent at all ----------
+
+def raw_exchange(url: str, chunks: list[bytes], pause: float = 0.0, timeout: float = 30.0,
+                 leave: bool = False) -> tuple[int | None, bytes]:
+    """Send ``chunks`` on a fresh connection (``pause`` seconds between them; sending stops
+    early once the server answers), then read one answer: (status, body), or (None, b"") when
+    the server closed without one. ``leave`` closes the connection right after sending."""
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout) as sock:
+        for i, chunk in enumerate(chunks):
+            if i and select.select([sock], [], [], pause)[0]:
+                break  # answered (or closed) before the request was whole: read that
+            sock.sendall(chunk)
+        if leave:
+            return None, b""
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                more = sock.recv(65536)
+                if not more:
+                    return (None, b"") if not data else (int(data.split()[1]), b"")
+                data += more
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), None)
+            while length is not None and len(body) < length and (more := sock.recv(65536)):
+                body += more
+        except ConnectionResetError:
+            return (int(data.split()[1]), b"") if data.startswith(b"HTTP/") else (None, b"")
+        return int(head.split()[1]), body
+
+
+def post_head(path: str, length: int | None, content_type: str = "application/json") -> bytes:
+    size = f"content-length: {length}" if length is not None else "transfer-encoding: chunked"
+    return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: {content_type}\r\n"
+            f"{size}\r\n\r\n").encode()
+
+
+def whole(path: str, body: bytes) -> bytes:
+    return post_head(path, len(body)) + body
+
+
+def chunked(parts: list[bytes]) -> list[bytes]:
+    return [b"%x\r\n%s\r\n" % (len(part), part) for part in parts]
+
+
+def abuses(max_body_bytes: int, read_timeout: float) -> dict:
+    """name -> (send(url) -> (status, body), the answers that are right: a set of statuses,
+    None for "closed without an answer")."""
+    valid = json.dumps({"items": [{"prompt": "hi", "reply": "hello"}]}).encode()
+    wait = read_timeout + 30  # the server must answer a stalled client within its read timeout
+    over = max_body_bytes + 1
+    return {
+        "malformed JSON": (lambda url: raw_exchange(url, [whole("/score", b'{"items": [{"prompt": ')]),
+                           {422}),
+        "wrong types": (lambda url: raw_exchange(url, [whole("/score", b'{"items": [{"prompt": 1, '
+                                                                     b'"reply": ["r"]}]}')]), {422}),
+        "declared too large": (lambda url: raw_exchange(url, [post_head("/score", 10**12)]), {413}),
+        "chunked too large": (lambda url: raw_exchange(
+            url, [post_head("/score", None), *chunked([b" " * (over // 4 + 1)] * 4), b"0\r\n\r\n"]),
+            {413}),
+        "stalls mid-body": (lambda url: raw_exchange(url, [post_head("/score", 1000), b'{"items": ['],
+                                                     timeout=wait), {408}),
+        "stalls in head": (lambda url: raw_exchange(url, [b"POST /score HTTP/1.1\r\nhost: 127"],
+                                                    timeout=wait), {408}),
+        "drips the body": (lambda url: raw_exchange(url, [post_head("/score", len(valid))]
+                                                    + [bytes([b]) for b in valid],
+                                                    pause=2 * read_timeout / len(valid), timeout=wait),
+                           {408}),
+        "leaves mid-body": (lambda url: raw_exchange(url, [post_head("/score", 1000), b"{"],
+                                                     leave=True), {None}),
+        "leaves before the answer": (lambda url: raw_exchange(url, [whole("/score", valid)],
+                                                              leave=True), {None}),
+        "not HTTP": (lambda url: raw_exchange(url, [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+                                                    + bytes(range(256))]), {400, None}),
+    }
+
+
+def abuse_clients(url: str, threads: int, seconds: float, max_body_bytes: int,
+                  read_timeout: float) -> dict:
+    """``threads`` threads send the ``abuses`` in turn for ``seconds``; counts per (abuse,
+    answer) and the unexpected answers."""
+    kinds = abuses(max_body_bytes, read_timeout)
+    counts, unexpected = collections.Counter(), []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def attacker(index: int):
+        names = list(kinds)
+        turn = index
+        while time.monotonic() < stop_at:
+            name = names[turn % len(names)]
+            turn += 1
+            send, right = kinds[name]
+            try:
+                status, body = send(url)
+            except OSError as error:  # a refused or reset connection: the server did not answer
+                status, body = f"{type(error).__name__}", b""
+            with lock:
+                counts[name, status] += 1
+                if status not in right:
+                    unexpected.append(f"{name}: {status} {body[:200]!r}")
+
+    pool = [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(max(0.0, stop_at + read_timeout + 60 - time.monotonic()))
+    with lock:
+        return {"counts": dict(counts), "sent": sum(counts.values()), "unexpected": list(unexpected)}
+
+
 def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
@@ -125,8 +249,16 @@ def run_mode(args, data: list, batching: bool) -> dict:
         warm_up = body(args.route, data[:args.items])
         httpx.post(url + "/" + args.route, json=warm_up, timeout=120)
         before = httpx.get(url + "/health").json()["stats"]
+        abuse = {}
+        attack = threading.Thread(target=lambda: abuse.update(abuse_clients(
+            url, args.abuse, args.seconds, args.max_body_bytes, args.read_timeout)))
+        if args.abuse:
+            attack.start()
         result = load_clients(url, args, data)
+        if args.abuse:
+            attack.join()
         after = httpx.get(url + "/health").json()["stats"]
+        result["abuse"] = abuse
     finally:
         server.terminate()
         server.wait(30)
@@ -148,6 +280,9 @@ def main() -> int:
     # On a machine busy with other work, torch's default (one thread per core) spins waiting
     # for descheduled threads and can be many times slower than --threads 1.
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    parser.add_argument("--abuse", type=int, default=0, help="attacking threads (see ABUSES)")
+    parser.add_argument("--read-timeout", type=float, default=5.0, help="the server's --read-timeout")
+    parser.add_argument("--max-body-bytes", type=int, default=2**20, help="the server's --max-body-bytes")
     args = parser.parse_args()
 
     data = conversations()
@@ -167,10 +302,18 @@ def main() -> int:
               f"(mean {mean:.1f}) | {r['items_per_pass']:.1f} items/forward pass | sent {r['sent']} "
               f"ok {r['ok']} failed {r['failed']} lost {r['lost']}"
               + (f" first failure: {r['first_failure'][0]}" if r["failed"] else ""))
+        if args.abuse:
+            a = r["abuse"]
+            answers = collections.Counter()
+            for (_, status), n in a["counts"].items():
+                answers[status or "closed"] += n
+            print(f"{'':>15}  abuse: {a['sent']} attacks, {a['sent'] - len(a['unexpected'])} answered as "
+                  f"expected ({', '.join(f'{k}: {n}' for k, n in sorted(answers.items(), key=str))})"
+                  + (f"; unexpected: {a['unexpected'][:3]}" if a["unexpected"] else ""))
     batched, alone = results["micro-batching"], results["no batching"]
     ratio = (batched["ok"] / batched["elapsed"]) / max(1e-9, alone["ok"] / alone["elapsed"])
     print(f"micro-batching / no batching throughput: {ratio:.2f}x")
-    bad = sum(r["failed"] + r["lost"] for r in results.values())
+    bad = sum(r["failed"] + r["lost"] + len(r["abuse"].get("unexpected", [])) for r in results.values())
     return 1 if bad else 0
 
 

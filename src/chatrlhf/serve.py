@@ -25,6 +25,14 @@ whole conversation, prompt and response in one string. An HH-style text ("\\n\\n
 \\n\\nAssistant: ...") is split at its last "\\n\\nAssistant:" into prompt and reply, as the HH
 reader does for training; any other text is scored whole as the reply to an empty prompt. The
 "prompts" and "labels" keys OpenRLHF may send are accepted and ignored.
+
+What a client can hold is bounded: a body over ``--max-body-bytes`` (declared or streamed) is
+answered 413, malformed JSON or a wrong type 422 naming the field; a request whose head or body
+is not whole ``--read-timeout`` seconds after the connection opened (or after the head) gets 408
+and its connection is closed (a silent connection is just closed); beyond ``--limit-concurrency``
+open connections plus requests in progress, requests get 503 at once; an idle keep-alive
+connection is closed after ``--timeout-keep-alive`` seconds. ``bench/serve_load.py --abuse``
+attacks a running server this way while checking that its real clients lose nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +50,11 @@ from typing import Union
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatrlhf import models
 from chatrlhf.data.batching import Group, tokenize_groups
@@ -301,10 +311,12 @@ def check_count(count: int, what: str, max_items: int) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a request body over ``max_bytes``, declared or streamed."""
+    """ASGI middleware: 413 for a request body over ``max_bytes``, declared or streamed; 408 for
+    one not whole within ``read_timeout`` seconds of its head (a client that stalls mid-body
+    would otherwise hold its connection and its task forever)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_timeout: float):
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -313,10 +325,15 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(scope, receive, send, int(declared))
         # Read the body here (the routes read it whole anyway) so a chunked upload is
-        # counted too, then hand it on unchanged.
+        # counted too, then hand it on unchanged. One deadline for the whole body, not one
+        # per chunk: a client dripping a byte a second must not stretch it.
+        deadline = time.monotonic() + self.read_timeout
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await self._timed_out(scope, receive, send, size, declared)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -340,6 +357,65 @@ class BodyLimit:
                   f"{self.max_bytes} bytes (--max-body-bytes)")
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
+    async def _timed_out(self, scope, receive, send, size: int, declared: bytes | None) -> None:
+        expected = f"of {int(declared)} " if declared is not None and declared.isdigit() else ""
+        detail = (f"request body not received within {self.read_timeout:g} s (--read-timeout): "
+                  f"{size} bytes {expected}arrived")
+        # Connection: close: the rest of the body may still come; it must not be read as
+        # the next request.
+        await JSONResponse({"detail": detail}, status_code=408,
+                           headers={"connection": "close"})(scope, receive, send)
+
+
+def guarded_protocol(read_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (h11, or httptools when installed) with a deadline on the request
+    head: a connection that has not sent a whole request line and headers ``read_timeout``
+    seconds after it opened (or after its previous answer) is closed, with a 408 when part of a
+    head arrived. uvicorn has no such deadline (its keep-alive timer stops at the first byte),
+    so a client sending headers one byte at a time, or never, would hold its connection, and
+    a slot of ``--limit-concurrency``, forever."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeadDeadline(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            self.head_started = True
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            # Armed first: a pipelined request handled inside super() replaces self.cycle.
+            self._arm_head_deadline()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            if getattr(self, "head_timer", None):
+                self.head_timer.cancel()
+            # A new head has arrived once the protocol has replaced its request cycle (both
+            # uvicorn protocols make a new self.cycle when a head is complete).
+            self.head_started = False
+            self.head_timer = self.loop.call_later(read_timeout, self._head_timed_out, self.cycle)
+
+        def _head_timed_out(self, cycle) -> None:
+            if (self.cycle is not cycle or self.transport.is_closing()
+                    or self.transport.get_protocol() is not self):  # handed to a WebSocket
+                return
+            if self.head_started:
+                detail = (f'{{"detail": "request head not received within {read_timeout:g} s '
+                          f'(--read-timeout)"}}').encode()
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json"
+                                     b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                     % (len(detail), detail))
+            self.transport.close()
+
+    return HeadDeadline
+
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """One readable line per problem ("body.items.0.reply: Field required"), then the details."""
@@ -353,12 +429,29 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         elif tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), (str, bytes)):
             reason = "not read as JSON; send the header Content-Type: application/json"
         elif tuple(e.get("loc", ())) == ("body",):
-            reason = "expected a JSON object"
+            reason = ("empty; " if e.get("type") == "missing" else "") + "expected a JSON object"
         lines.append(f"{where}: {reason}")
     # The inputs are left out: echoing a large body back helps no one.
     errors = [{k: v for k, v in e.items() if k != "input"} for e in error.errors()]
     return JSONResponse({"detail": "invalid request: " + "; ".join(lines),
                          "errors": jsonable_encoder(errors)}, status_code=422)
+
+
+async def _unparsable_body(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """FastAPI answers a body that json.loads rejects with anything but a JSONDecodeError (bytes
+    that are not UTF-8, nesting deeper than Python's recursion limit, an integer of thousands
+    of digits) with a bare 400 "There was an error parsing the body": say why, as 422 like
+    other malformed JSON."""
+    cause = error.__cause__
+    if error.status_code != 400 or not isinstance(cause, (ValueError, RecursionError)):
+        return await http_exception_handler(request, error)
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"not UTF-8: byte {cause.start} is {cause.object[cause.start:cause.start + 1]!r}"
+    elif isinstance(cause, RecursionError):
+        reason = "nested too deeply"
+    else:
+        reason = str(cause).split(";")[0]
+    return JSONResponse({"detail": f"invalid request: body: malformed JSON ({reason})"}, status_code=422)
 
 
 # ---- the app ---------------------------------------------------------------------------------
@@ -367,7 +460,7 @@ def create_app(model_path: str, *, max_batch: int = 64, max_wait_ms: float = 5.0
                batching: bool = True, max_items: int = 256, max_chars: int = 20000,
                max_body_bytes: int = 16 * 2**20, max_length: int | None = None,
                batch_tokens: int = 16384, max_padding: float = 0.25,
-               normalize: bool = False) -> FastAPI:
+               normalize: bool = False, read_timeout: float = 30.0) -> FastAPI:
     """The HTTP app serving one reward model (loaded here, once).
 
     Args:
@@ -382,11 +475,14 @@ def create_app(model_path: str, *, max_batch: int = 64, max_wait_ms: float = 5.0
             of at most ``batch_tokens`` padded tokens and ``1 + max_padding`` times their real
             tokens (see ``plan_passes``).
         normalize: the default of /score's "normalize", and what /get_reward returns.
+        read_timeout: seconds for a request body to arrive whole after its head; longer -> 408.
+            (The deadline on the head itself is the server's: ``server_options``.)
     Returns:
         a FastAPI app; ``app.state.scorer.stats`` counts requests, items, batches, forward passes.
     """
-    if max_batch < 1 or max_items < 1 or max_chars < 1 or max_wait_ms < 0:
-        raise ValueError("max_batch, max_items and max_chars must be >= 1, max_wait_ms >= 0")
+    if max_batch < 1 or max_items < 1 or max_chars < 1 or max_wait_ms < 0 or read_timeout <= 0:
+        raise ValueError("max_batch, max_items and max_chars must be >= 1, max_wait_ms >= 0, "
+                         "read_timeout > 0")
     scorer = Scorer(model_path, max_length, batch_tokens, max_padding)
     if normalize and not scorer.can_normalize:
         raise ValueError(f"{model_path}: --normalize needs reward_mean/reward_std in "
@@ -413,7 +509,8 @@ def create_app(model_path: str, *, max_batch: int = 64, max_wait_ms: float = 5.0
                   description=__doc__.split("\n\n")[0], lifespan=lifespan)
     app.state.scorer, app.state.ready = scorer, False
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_exception_handler(StarletteHTTPException, _unparsable_body)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, read_timeout=read_timeout)
 
     async def rewards_of(prompts: list, replies: list[str]) -> list[float]:
         scorer.stats["requests"] += 1
@@ -477,6 +574,26 @@ def _sigmoid(x: float) -> float:
 
 # ---- command line ----------------------------------------------------------------------------
 
+def server_options(*, read_timeout: float = 30.0, limit_concurrency: int | None = 512,
+                   timeout_keep_alive: float = 5.0) -> dict:
+    """The uvicorn options (``uvicorn.run`` / ``uvicorn.Config`` keywords) that bound what a
+    client can hold: ``chatrlhf serve`` runs with them, the tests too.
+
+    Args:
+        read_timeout: seconds for a request head to arrive, from the connection's opening or its
+            previous answer (``guarded_protocol``); the body's deadline is ``create_app``'s.
+        limit_concurrency: open connections plus requests in progress beyond which a request
+            is answered 503 at once, so a flood queues no unbounded work (None: no limit).
+        timeout_keep_alive: seconds an idle keep-alive connection stays open after an answer.
+    """
+    if read_timeout <= 0 or timeout_keep_alive < 0 or (
+            limit_concurrency is not None and limit_concurrency < 1):
+        raise ValueError(f"read_timeout must be > 0 (got {read_timeout}), timeout_keep_alive >= 0 (got "
+                         f"{timeout_keep_alive}), limit_concurrency >= 1 or None (got {limit_concurrency})")
+    return {"http": guarded_protocol(read_timeout), "limit_concurrency": limit_concurrency,
+            "timeout_keep_alive": timeout_keep_alive}
+
+
 def serve_command(args) -> int:
     import uvicorn
 
@@ -486,8 +603,11 @@ def serve_command(args) -> int:
                      batching=not args.no_batching, max_items=args.max_items, max_chars=args.max_chars,
                      max_body_bytes=args.max_body_bytes, max_length=args.max_length,
                      batch_tokens=args.batch_tokens, max_padding=args.max_padding,
-                     normalize=args.normalize)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                     normalize=args.normalize, read_timeout=args.read_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                **server_options(read_timeout=args.read_timeout,
+                                 limit_concurrency=args.limit_concurrency or None,
+                                 timeout_keep_alive=args.timeout_keep_alive))
     return 0
 
 
@@ -512,5 +632,13 @@ def add_parser(subparsers) -> None:
                    help="torch CPU threads (default: torch's); fewer than cores when clients share them")
     p.add_argument("--normalize", action="store_true",
                    help="normalise rewards by default (and on /get_reward) with the model's mean/std")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds for a request head to arrive (from the connection's opening or "
+                        "previous answer), and again for its body; later: 408 and the connection closed")
+    p.add_argument("--limit-concurrency", type=int, default=512,
+                   help="open connections + requests in progress beyond which requests get 503 "
+                        "at once (0: no limit)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=serve_command)
