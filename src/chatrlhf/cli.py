@@ -11,7 +11,7 @@ import sys
 
 from chatrlhf import serve
 from chatrlhf.data import cli as data_cli
-from chatrlhf.recipes import label, reward
+from chatrlhf.recipes import label, ppo, reward
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_parser(commands)
     reward.add_parser(commands)
     label.add_parser(commands)
+    ppo.add_parser(commands)
     serve.add_parser(commands)
     return parser
 

@@ -108,3 +108,271 @@ def centering_loss(rewards: torch.Tensor, coefficient: float) -> torch.Tensor:
     a constant by comparisons, and this fixes the constant at 0.
     """
     return coefficient * rewards**2
+
+
+# ==== DPO family: preference losses on policy / reference log-probabilities ====================
+#
+# Each reply y has a log-ratio log pi(y|x) - log pi_ref(y|x) (summed over the reply's tokens) and an
+# *implicit reward* u = beta * (log pi(y|x) - log pi_ref(y|x)) (DPO, arXiv 2305.18290, eq. 5). The
+# losses below take the four (or 2 x sum K) log-probabilities and return per-example losses; the
+# recipe (recipes/dpo.py) computes the log-probabilities, metrics.py the accuracies.
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sigmoid DPO (arXiv 2305.18290, eq. 7), and conservative DPO with ``label_smoothing > 0``.
+
+    With h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
+        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h).
+    eps = 0 is DPO. eps > 0 is cDPO (Mitchell, "A note on DPO with noisy preferences", 2023; the
+    form used by TRL): the label is taken to be flipped with probability eps, so the loss has a
+    finite minimiser instead of pushing h to infinity.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (N,) summed reply log-probs under the policy.
+        reference_chosen_logps, reference_rejected_logps: (N,) the same under the reference.
+        beta: KL strength (larger keeps the policy closer to the reference).
+        label_smoothing: eps in [0, 0.5).
+    Returns:
+        (N,) per-pair losses.
+    """
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected in [0, 0.5), found {label_smoothing}")
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+             beta: float = 0.1) -> torch.Tensor:
+    """IPO (Azar et al., arXiv 2310.12036, eq. 17): loss = (h - 1 / (2 * beta))^2, h as in dpo_loss.
+
+    A squared loss regresses h to a finite target 1 / (2 tau) (tau = beta), so the policy is not
+    driven to deterministic preferences the way the sigmoid loss can drive it. TRL feeds IPO the
+    per-token *mean* log-probabilities; pass those if you want its behaviour (dpo.average_logps).
+
+    Args: as dpo_loss, (N,) each. Returns: (N,) per-pair losses.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta: expected > 0, found {beta}")
+    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def plackett_luce_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, ranks: torch.Tensor,
+                       group_sizes: list[int], beta: float = 0.1) -> torch.Tensor:
+    """K-wise DPO under the Plackett-Luce model (arXiv 2305.18290, appendix A.3, eq. 18).
+
+    With implicit rewards u_i = beta * (log pi(y_i) - log pi_ref(y_i)) and the replies in rank
+    order tau(1), ..., tau(K) (best first), the negative log-likelihood of the whole ranking is
+        loss = -sum_{k=1..K} [ u_tau(k) - log sum_{j=k..K} exp(u_tau(j)) ],
+    one term per position, each choosing the best of the replies not yet placed. The ranking is
+    used as one ordering, not flattened into C(K, 2) pairs. With K = 2 it is exactly sigmoid DPO.
+
+    Ties (equal ranks) use Breslow's (1974) approximation, the standard one for tied events in a
+    Cox partial likelihood, which has the same form: every reply i contributes
+    u_i - log sum_{j: rank_j >= rank_i} exp(u_j), i.e. tied replies share one set of competitors
+    (themselves included). Without ties this is the formula above; a tied pair [0, 0] gives
+    -log sigmoid(d) - log sigmoid(-d), smallest at d = 0, so a tie pulls the two rewards together.
+
+    Args:
+        policy_logps, reference_logps: (sum K,) summed reply log-probs, groups one after another.
+        ranks: (sum K,) rank of each reply in its group, 0 = best, equal = tie.
+        group_sizes: K of each group, each >= 2.
+        beta: KL strength.
+    Returns:
+        (G,) per-group losses (a sum over positions: the ranking's full log-likelihood).
+    """
+    if min(group_sizes) < 2:
+        raise ValueError(f"plackett_luce_loss needs groups of at least 2 replies, got sizes {group_sizes}")
+    rewards = beta * (policy_logps - reference_logps)
+    sizes = torch.tensor(group_sizes, device=rewards.device)
+    valid = torch.arange(int(sizes.max()), device=rewards.device)[None, :] < sizes[:, None]
+    grid_rewards = rewards.new_zeros(valid.shape).masked_scatter(valid, rewards)
+    grid_ranks = ranks.new_zeros(valid.shape).masked_scatter(valid, ranks)
+    # competitors[g, i, j]: reply j is still unplaced when reply i is chosen (rank_j >= rank_i).
+    competitors = valid[:, None, :] & (grid_ranks[:, None, :] >= grid_ranks[:, :, None])
+    others = grid_rewards[:, None, :].expand_as(competitors).masked_fill(~competitors, -math.inf)
+    terms = grid_rewards - torch.logsumexp(others, dim=-1)
+    return -torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
+
+
+# ==== PPO: per-token KL, GAE, whitening, clipped losses, the adaptive KL coefficient =============
+#
+# Shapes follow the rollout of recipes/ppo.py: (B, N) per reply token, B replies of up to N tokens,
+# left-aligned after the prompt, with a ``mask`` that is True on the reply's tokens up to and
+# including its end-of-sequence token (what comes after is padding and counts for nothing).
+# Sources: PPO (Schulman et al., arXiv 1707.06347), GAE (Schulman et al., arXiv 1506.02438),
+# RLHF with a per-token KL penalty and an adaptive coefficient (Ziegler et al., arXiv 1909.08593),
+# the "37 implementation details" of PPO (Huang et al., 2022) for value clipping and whitening.
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is True (all of them, or along ``dim``)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked positions; masked-out positions become 0.
+
+    The variance is the population one (divide by the count): with one token it gives 0 rather
+    than a division by zero. ``shift_mean=False`` only rescales (the mean is added back), which
+    is how rewards are whitened without moving their level.
+    """
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def kl_penalty(logps: torch.Tensor, reference_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probabilities of tokens sampled from pi.
+
+    With log r = log pi_ref(y_t) - log pi(y_t) (J. Schulman, "Approximating KL divergence", 2020):
+        k1 = -log r                 unbiased, can be negative (the InstructGPT / Ziegler penalty);
+        k2 = (log r)^2 / 2          biased, non-negative, low variance;
+        k3 = (r - 1) - log r        unbiased, non-negative, low variance.
+    Args:
+        logps, reference_logps: (B, N) log-probabilities of the sampled tokens.
+    Returns:
+        (B, N) per-token estimates; sum them over a reply for the sequence KL.
+    """
+    log_ratio = reference_logps - logps
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: expected 'k1', 'k2' or 'k3'")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> torch.Tensor:
+    """Per-token rewards of RLHF (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2):
+    r_t = -kl_coef * kl_t on every reply token, plus the reward model's score on the last one.
+
+    Args:
+        scores: (B,) one score per reply.
+        kl: (B, N) per-token KL estimates (``kl_penalty``).
+        mask: (B, N) True on reply tokens; each row must have at least one.
+    Returns:
+        (B, N) rewards, 0 after the end of each reply.
+    """
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    last = mask.long().cumsum(-1).argmax(-1)  # index of the last True of each row
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., arXiv 1506.02438, eq. 16).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
+    with V and A taken as 0 past the end of the reply (the episode ends with it).
+    Args:
+        rewards, values: (B, N); mask: (B, N), contiguous True from position 0.
+    Returns:
+        advantages (B, N) and returns = advantages + values (B, N), both 0 where mask is False.
+    """
+    m = mask.to(values.dtype)
+    values, rewards = values * m, rewards * m
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * m
+
+
+def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                    clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate of PPO (arXiv 1707.06347, eq. 7), per token, as a loss to minimise:
+
+        max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),   rho = exp(logp - old_logp).
+    Args:
+        logps: (B, N) under the policy being trained; old_logps, advantages: (B, N) from the rollout.
+    Returns:
+        (per-token losses (B, N), per-token bool (B, N): True where the clipped term was taken).
+    """
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   clip_range: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (Huang et al. 2022, detail 9; OpenAI baselines ppo2), per token:
+
+        0.5 * max((V - R)^2, (V_clip - R)^2),   V_clip = old_V + clip(V - old_V, -eps, eps).
+    ``clip_range=None`` gives the plain 0.5 * (V - R)^2.
+    Returns:
+        (per-token losses (B, N), per-token bool (B, N): True where the clipped term was larger).
+    """
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax of ``logits`` (..., V) along the last axis: logsumexp(l) - sum p l."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+class AdaptiveKLController:
+    """The KL coefficient of Ziegler et al. 2019 (arXiv 1909.08593, section 2.2), kept near a target.
+
+        e = clip(KL / target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon)
+    where KL is the measured mean sequence KL and n_steps the replies (or steps) the measurement
+    covers. ``target=None`` keeps beta fixed.
+    """
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        if init < 0 or (target is not None and target <= 0) or horizon <= 0:
+            raise ValueError(f"KL controller: expected init >= 0, target > 0 or None, horizon > 0; "
+                             f"found {init}, {target}, {horizon}")
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+        return self.value
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every score seen (Chan et al.'s parallel update),
+    used to normalise rewards across rollouts, as TRL and OpenRLHF do."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, values: torch.Tensor) -> None:
+        n, mean, var = values.numel(), values.float().mean().item(), values.float().var(unbiased=False).item()
+        if not self.count:
+            self.mean, self.var, self.count = mean, var, n
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
