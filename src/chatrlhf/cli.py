@@ -1,7 +1,10 @@
 """The one `chatrlhf` command. Each subcommand maps to one function in a recipe or module.
 
     chatrlhf data validate|stats|convert ...
-    chatrlhf reward train|score|eval ...
+    chatrlhf reward train|score|eval|compare ...
+    chatrlhf sft | dpo | ppo PRESET [section.key=value ...]
+    chatrlhf label PRESET [section.key=value ...]
+    chatrlhf serve MODEL
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sys
 
 from chatrlhf import serve
 from chatrlhf.data import cli as data_cli
-from chatrlhf.recipes import label, ppo, reward
+from chatrlhf.recipes import dpo, label, ppo, reward, sft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     data_cli.add_parser(commands)
     reward.add_parser(commands)
-    label.add_parser(commands)
+    sft.add_parser(commands)
+    dpo.add_parser(commands)
     ppo.add_parser(commands)
+    label.add_parser(commands)
     serve.add_parser(commands)
     return parser
 

@@ -1,0 +1,454 @@
+"""Direct preference optimisation from comparisons: DPO, cDPO, IPO, and Plackett-Luce for rankings.
+
+    chatrlhf dpo configs/dpo_hh_smollm2.yaml --report runs/dpo_hh_smollm2/report
+    chatrlhf dpo model.name=smollm2-135m data.train=pairs.jsonl data.dev=dev.jsonl loss.type=ipo
+
+The policy learns from the comparisons directly (arXiv 2305.18290); the losses are in losses.py.
+Each reply's log-probability is summed over its tokens only (the chat-templated prompt carries no
+loss). The reference log-probabilities are computed once, before the first step, and cached in
+``OUTPUT/reference_logps.pt``: with LoRA they come from the same model with its adapter disabled
+(peft ``disable_adapter()``), so no second model is ever loaded; with full fine-tuning they come
+from the policy before its first update, and a resume reads them from the cache.
+
+Evaluation: the implicit reward beta * (log pi - log pi_ref) of every held-out reply orders each
+pair or ranking as a reward model would; its preference accuracy has a bootstrap 95% interval
+(groups resampled), and ``--report DIR`` writes the reward-model report from those rewards.
+Steps: setup -> fit -> evaluate -> save, in plain sight below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from chatrlhf import config as cfg_lib
+from chatrlhf import losses, metrics, models, policy, training
+from chatrlhf.config import DataConfig, option
+from chatrlhf.data import load
+from chatrlhf.data.batching import Group, to_groups
+from chatrlhf.recipes.sft import PolicyModelConfig, PolicyTrainConfig, epoch_batches, split_preset
+from chatrlhf.training import CHECKPOINTS
+
+REFERENCE_FILE = "reference_logps.pt"
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DPOLossConfig:
+    type: Literal["sigmoid", "ipo", "plackett_luce"] = option(
+        "sigmoid", "'sigmoid': DPO (cDPO with label_smoothing > 0); 'ipo': IPO; 'plackett_luce': "
+        "K-wise rankings as one ordering (pairs give exactly sigmoid DPO)")
+    beta: float = option(0.1, "KL strength beta (IPO: tau); implicit reward = beta * (log pi - log pi_ref)")
+    label_smoothing: float = option(0.0, "cDPO: probability that a label is flipped, in [0, 0.5); sigmoid only")
+    drop_ties: bool = option(False, "plackett_luce: drop groups with tied replies (counted) instead of "
+                             "the Breslow tie model; sigmoid and ipo always drop tied pairs (counted)")
+    average_logps: bool = option(False, "use the per-token mean log-probability of a reply instead of "
+                                 "the sum (TRL does this for IPO; DPO as published sums)")
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta: expected > 0, found {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing: expected in [0, 0.5), found {self.label_smoothing}")
+        if self.label_smoothing and self.type != "sigmoid":
+            raise ValueError(f"loss.label_smoothing is for loss.type=sigmoid (cDPO), not {self.type!r}")
+
+
+@dataclasses.dataclass
+class DPOTrainConfig(PolicyTrainConfig):
+    output_dir: str = option("runs/dpo", "where checkpoints, metrics.jsonl, reference_logps.pt and the model go")
+    batch_size: int = option(4, "groups (pairs or rankings) per micro-batch")
+    lr: float = option(1e-6, "peak learning rate (AdamW); LoRA usually wants ~1e-4")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig)
+    train: DPOTrainConfig = dataclasses.field(default_factory=lambda: DPOTrainConfig())
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    """A group (prompt, K replies, human ranks), its encoded replies and their reference log-probs."""
+
+    group: Group
+    encoded: list[policy.Encoded]
+    reference_logps: list[float] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.encoded)
+
+
+def load_items(path: str, config: DPOConfig, tokenizer, training_file: bool, log=print) -> list[Item]:
+    """Read, group, filter and encode one file, reporting everything dropped or cut."""
+    data, loss = config.data, config.loss
+    loaded = load(path, reader=data.reader, fields=data.fields or None, skip_invalid=data.skip_invalid,
+                  nan_as_missing=data.nan_as_missing, allow_empty=data.allow_empty, **data.options)
+    log(loaded.summary())
+    records = loaded.records
+    if training_file and data.limit and data.limit < len(records):
+        log(f"{path}: using the first {data.limit} of {len(records)} records (data.limit)")
+        records = records[:data.limit]
+    groups = to_groups(records, "comparisons")
+    if training_file:
+        tied = [g for g in groups if len(set(g.ranks)) < len(g.ranks)]
+        if loss.type != "plackett_luce" and any(len(g.ranks) > 2 for g in groups):
+            raise ValueError(f"{path}: has rankings of more than 2 replies; use loss.type=plackett_luce "
+                             "(or turn them into pairs with `chatrlhf data convert`)")
+        if tied and (loss.type != "plackett_luce" or loss.drop_ties):
+            groups = [g for g in groups if len(set(g.ranks)) == len(g.ranks)]
+            log(f"{path}: excluded {len(tied)} groups with tied replies ("
+                + ("loss.drop_ties" if loss.drop_ties else f"loss.type={loss.type} has no tie model") + ")")
+        elif tied:
+            log(f"{path}: {len(tied)} groups with tied replies use the Breslow tie model")
+    if not groups:
+        raise ValueError(f"{path}: no usable pairs or rankings")
+    items = [Item(g, [policy.encode_prompt_response(tokenizer, g.prompt, reply, config.model.max_length,
+                                                    config.model.max_reply_tokens) for reply in g.replies])
+             for g in groups]
+    cut = sum(e.cut for item in items for e in item.encoded)
+    log(f"{path}: {len(items)} groups, {sum(len(i.encoded) for i in items)} replies; {cut} cut to "
+        f"model.max_length={config.model.max_length} (prompt cut from the left, none dropped)")
+    return items
+
+
+# ---- log-probabilities ----------------------------------------------------------------------
+
+def reply_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
+    """(B,) summed (or mean) log-probabilities of the reply tokens, as ``policy.sequence_logps``,
+    but the output layer runs on the reply positions only.
+
+    On a small-vocabulary model the (B, T, V) logits are a large part of the cost (SmolLM2:
+    49k words, a fifth of the multiply-adds and most of the memory traffic), and the prompt's
+    positions are thrown away. Assumes logits = lm_head(last hidden state), true of Llama-like
+    models; models with a logit soft-cap use the plain path.
+    """
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    if getattr(base.config, "final_logit_softcapping", None):
+        return policy.sequence_logps(model, batch, average)
+    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
+    rows, positions = targets.nonzero(as_tuple=True)
+    logits = base.get_output_embeddings()(hidden[rows, positions]).float()
+    token = logits.gather(-1, batch["input_ids"][rows, positions + 1, None])[:, 0] - logits.logsumexp(-1)
+    total = torch.zeros(len(batch["input_ids"]), dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    return total / targets.sum(-1).clamp(min=1) if average else total
+
+
+def batch_logps(model, encoded: list[policy.Encoded], pad_token_id: int, device, average: bool) -> torch.Tensor:
+    """(N,) log-probabilities of the replies of ``encoded`` (sum, or mean per token)."""
+    batch = {k: v.to(device) for k, v in policy.collate_lm(encoded, pad_token_id).items()}
+    return reply_logps(model, batch, average)
+
+
+@torch.inference_mode()
+def score_items(model, items: list[Item], pad_token_id: int, device, average: bool, batch_size: int,
+                desc: str) -> list[list[float]]:
+    """Log-probabilities of every reply of every item, batched by similar length."""
+    model.eval()
+    flat = [(i, k, e) for i, item in enumerate(items) for k, e in enumerate(item.encoded)]
+    flat.sort(key=lambda x: len(x[2].input_ids))
+    out = [[0.0] * len(item.encoded) for item in items]
+    for start in tqdm(range(0, len(flat), batch_size), desc=desc, dynamic_ncols=True, leave=False):
+        chunk = flat[start:start + batch_size]
+        values = batch_logps(model, [e for _, _, e in chunk], pad_token_id, device, average).tolist()
+        for (i, k, _), value in zip(chunk, values):
+            out[i][k] = value
+    return out
+
+
+def reference_context(model):
+    """With LoRA the base model, i.e. the adapter disabled, is the reference."""
+    return model.disable_adapter() if hasattr(model, "peft_config") else nullcontext()
+
+
+def cache_key(config: DPOConfig) -> str:
+    """What the cached reference log-probabilities depend on: model, files, encoding, averaging."""
+    files = [config.data.train, config.data.dev or ""]
+    stamps = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) if f and Path(f).exists() else f
+              for f in files]
+    parts = [models.resolve(config.model.name), stamps, config.model.max_length, config.model.max_reply_tokens,
+             config.loss.average_logps, config.data.limit, config.data.fields, config.data.reader,
+             config.loss.type, config.loss.drop_ties]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def attach_reference(run: "Run", fresh_start: bool, log=print) -> None:
+    """Fill every item's reference_logps: from the cache, else computed once and cached."""
+    config = run.config
+    cache = Path(config.train.output_dir) / REFERENCE_FILE
+    key = cache_key(config)
+    cached = torch.load(cache, weights_only=False) if cache.exists() else None
+    if cached and cached["key"] == key and len(cached["train"]) == len(run.train_items) \
+            and len(cached["dev"]) == len(run.dev_items):
+        log(f"reference log-probabilities read from {cache}")
+        train_ref, dev_ref = cached["train"], cached["dev"]
+    else:
+        reference, source = run.model, "the policy before training"
+        if hasattr(run.model, "peft_config"):
+            source = "the model with its LoRA adapter disabled"
+        elif not fresh_start:
+            # Full fine-tuning resumed without a cache: the original weights are the reference.
+            reference, _ = policy.load_policy(config.model.name)
+            reference.to(run.device)
+            source = f"{config.model.name} loaded as a separate reference"
+        log(f"computing reference log-probabilities once, from {source}")
+        args = (run.tokenizer.pad_token_id, run.device, config.loss.average_logps, config.train.eval_batch_size)
+        with reference_context(reference):
+            train_ref = score_items(reference, run.train_items, *args, desc="reference (train)")
+            dev_ref = score_items(reference, run.dev_items, *args, desc="reference (dev)")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache.with_name(cache.name + ".tmp")
+        torch.save({"key": key, "train": train_ref, "dev": dev_ref}, staging)
+        staging.replace(cache)  # atomic: a kill never leaves half a cache
+    for item, values in zip(run.train_items, train_ref):
+        item.reference_logps = values
+    for item, values in zip(run.dev_items, dev_ref):
+        item.reference_logps = values
+
+
+# ---- setup ----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    config: DPOConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    train_items: list[Item]
+    dev_items: list[Item]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    batches_per_epoch: int
+    start_step: int = 0
+    dev_rewards: list[list[float]] | None = None  # of the latest evaluate(), for the report
+
+
+def setup(config: DPOConfig, log=print) -> Run:
+    train = config.train
+    training.seed_everything(train.seed)
+    if not config.data.train:
+        raise ValueError("data.train is not set: give a file of pairs or rankings, e.g. data.train=pairs.jsonl")
+    resume_from = training.resume_path(train.resume, train.output_dir, log)
+    model, tokenizer = policy.load_policy(str(resume_from) if resume_from else config.model.name,
+                                          lora=config.model.lora(), dropout=config.model.dropout)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    train_items = load_items(config.data.train, config, tokenizer, True, log)
+    dev_items = load_items(config.data.dev, config, tokenizer, False, log) if config.data.dev else []
+    batches_per_epoch = math.ceil(len(train_items) / train.batch_size)
+    total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
+    optimizer, scheduler = training.optimizer_and_scheduler(
+        model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
+    run = Run(config, model, tokenizer, device, train_items, dev_items, optimizer, scheduler, total_steps,
+              batches_per_epoch)
+    attach_reference(run, fresh_start=resume_from is None, log=log)
+    if resume_from:
+        run.start_step = training.restore_state(resume_from, optimizer, scheduler)["step"]
+        log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
+    return run
+
+
+# ---- fit ------------------------------------------------------------------------------------
+
+def preference_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, ranks: torch.Tensor,
+                    group_sizes: list[int], loss: DPOLossConfig) -> torch.Tensor:
+    """(G,) per-group losses of the configured type. Pairs are laid out [better, worse]."""
+    if loss.type == "plackett_luce":
+        return losses.plackett_luce_loss(policy_logps, reference_logps, ranks, group_sizes, loss.beta)
+    # Pairs: put the preferred reply first whatever the record's order.
+    first_better = (ranks[0::2] < ranks[1::2])
+    chosen = [torch.where(first_better, t[0::2], t[1::2]) for t in (policy_logps, reference_logps)]
+    rejected = [torch.where(first_better, t[1::2], t[0::2]) for t in (policy_logps, reference_logps)]
+    if loss.type == "ipo":
+        return losses.ipo_loss(chosen[0], rejected[0], chosen[1], rejected[1], loss.beta)
+    return losses.dpo_loss(chosen[0], rejected[0], chosen[1], rejected[1], loss.beta, loss.label_smoothing)
+
+
+def fit(run: Run) -> dict:
+    """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
+    config, model, train = run.config, run.model, run.config.train
+    Path(train.output_dir).mkdir(parents=True, exist_ok=True)
+    log_file = Path(train.output_dir) / "metrics.jsonl"
+    pad_id, beta = run.tokenizer.pad_token_id, config.loss.beta
+    cached: dict[int, list] = {}
+    last_eval: dict = {}
+    # No evaluation before the first step: the policy is then the reference, every implicit
+    # reward is 0 and the accuracy is exactly 0.5.
+    recent_loss, recent_correct, recent_total = [], 0, 0
+    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
+               desc=f"dpo ({config.loss.type})", dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        started = time.perf_counter()
+        step_loss, step_margin, tokens = 0.0, 0.0, 0
+        for micro in range(train.grad_accum):
+            epoch, position = divmod(step * train.grad_accum + micro, run.batches_per_epoch)
+            if epoch not in cached:
+                # Length-bucketed as in SFT (unpacked): one row per group.
+                rows = epoch_batches(run.train_items, train.batch_size, train.seed, epoch, False, 0)
+                cached = {epoch: [[row[0] for row in batch] for batch in rows]}
+            items = [run.train_items[i] for i in cached[epoch][position]]
+            encoded = [e for item in items for e in item.encoded]
+            policy_logps = batch_logps(model, encoded, pad_id, run.device, config.loss.average_logps)
+            reference_logps = torch.tensor([r for item in items for r in item.reference_logps], device=run.device)
+            ranks = torch.tensor([k for item in items for k in item.group.ranks], device=run.device)
+            sizes = [len(item.encoded) for item in items]
+            loss = preference_loss(policy_logps, reference_logps, ranks, sizes, config.loss).mean()
+            if not torch.isfinite(loss):
+                records = [item.group.record_index for item in items]
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}, records {records}; "
+                                         f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+            (loss / train.grad_accum).backward()
+            step_loss += loss.item() / train.grad_accum
+            tokens += sum(len(e.input_ids) for e in encoded)
+            rewards = (beta * (policy_logps - reference_logps)).tolist()
+            start = 0
+            for item, size in zip(items, sizes):
+                c, w, _ = metrics.pairwise_outcomes(rewards[start:start + size], item.group.ranks)
+                recent_correct, recent_total = recent_correct + c, recent_total + c + w
+                if size == 2 and item.group.ranks[0] != item.group.ranks[1]:
+                    sign = 1 if item.group.ranks[0] < item.group.ranks[1] else -1
+                    step_margin += sign * (rewards[start] - rewards[start + 1]) / len(items) / train.grad_accum
+                start += size
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm))
+                     if train.max_grad_norm else float("nan"))
+        if train.max_grad_norm and not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}; "
+                                     f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        recent_loss = (recent_loss + [step_loss])[-20:]
+        seconds = time.perf_counter() - started
+        entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+                 "grad_norm": grad_norm, "reward_margin": step_margin, "seconds": seconds,
+                 "tokens": tokens, "tokens_per_s": tokens / seconds}
+        postfix = {"loss": f"{sum(recent_loss) / len(recent_loss):.3f}"}
+        if recent_total:
+            entry["train_accuracy"] = recent_correct / recent_total
+            postfix["acc"] = f"{recent_correct / recent_total:.3f}"
+            recent_correct, recent_total = recent_correct // 2, recent_total // 2  # a decaying window
+        done = step + 1 == run.total_steps
+        if run.dev_items and ((train.eval_every and (step + 1) % train.eval_every == 0) or done):
+            last_eval = evaluate(run)
+            entry.update({f"dev_{k}": v for k, v in last_eval.items()})
+            postfix["dev_acc"] = f"{last_eval['accuracy']:.3f}"
+            model.train()
+        bar.set_postfix(postfix)
+        with log_file.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if (train.save_every and (step + 1) % train.save_every == 0) or done:
+            save_checkpoint(run, step + 1)
+    bar.close()
+    return last_eval
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+
+def implicit_rewards(run: Run, items: list[Item]) -> list[list[float]]:
+    """beta * (log pi - log pi_ref) of every reply of every item."""
+    logps = score_items(run.model, items, run.tokenizer.pad_token_id, run.device, run.config.loss.average_logps,
+                        run.config.train.eval_batch_size, desc="implicit rewards")
+    beta = run.config.loss.beta
+    return [[beta * (p - r) for p, r in zip(ps, item.reference_logps)] for ps, item in zip(logps, items)]
+
+
+def evaluate(run: Run, rewards: list[list[float]] | None = None) -> dict:
+    """Preference accuracy of the implicit rewards on data.dev, with a bootstrap 95% interval."""
+    rewards = rewards if rewards is not None else implicit_rewards(run, run.dev_items)
+    run.dev_rewards = rewards
+    ranks = [item.group.ranks for item in run.dev_items]
+    result = metrics.summarize(rewards, ranks)
+    # Seed 0, as `--report` and `reward eval --report`: the same rewards give the same interval.
+    low, high = metrics.group_metric_intervals(rewards, ranks)["accuracy"]
+    result["accuracy_low"], result["accuracy_high"] = low, high
+    strict, _ = metrics.ordered_margins(rewards, ranks)
+    result["reward_margin"] = sum(strict) / len(strict) if strict else math.nan
+    return result
+
+
+# ---- save -----------------------------------------------------------------------------------
+
+def metadata(config: DPOConfig, result: dict | None = None) -> dict:
+    out = {"chatrlhf_version": __import__("chatrlhf").__version__, "kind": "policy", "recipe": "dpo",
+           "base_model": models.resolve(config.model.name), "max_length": config.model.max_length,
+           "max_reply_tokens": config.model.max_reply_tokens, "beta": config.loss.beta,
+           "config": cfg_lib.to_dict(config)}
+    if result:
+        out["eval"] = result
+    return out
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    training.save_checkpoint(run.config.train.output_dir, step, run.model, run.tokenizer, metadata(run.config),
+                             training.training_state(step, run.optimizer, run.scheduler),
+                             run.config.train.keep_checkpoints)
+
+
+def format_result(result: dict) -> str:
+    return (f"dev implicit-reward accuracy {result['accuracy']:.4f} (95% interval {result['accuracy_low']:.4f}"
+            f"-{result['accuracy_high']:.4f}) on {result['pairs']} pairs"
+            + (f"; {result['human_ties']} human ties not counted" if result.get("human_ties") else "")
+            + f"; mean reward margin {result['reward_margin']:.4f}")
+
+
+def train(config: DPOConfig, report: str | None = None) -> dict:
+    """setup -> fit -> evaluate -> save (-> report); returns the final dev metrics."""
+    run = setup(config)
+    if report and not run.dev_items:
+        raise ValueError("--report needs held-out data: set data.dev")
+    result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_items else {})
+    folder = Path(config.train.output_dir) / "model"
+    models.save_model(run.model, run.tokenizer, folder, metadata(config, result))
+    print(f"saved policy to {folder}")
+    if result:
+        print(format_result(result))
+    if report:
+        from chatrlhf import report as report_lib
+
+        rewards = run.dev_rewards or implicit_rewards(run, run.dev_items)
+        report_lib.write_report([item.group for item in run.dev_items], rewards, metrics.summarize(
+            rewards, [item.group.ranks for item in run.dev_items]), report, run.tokenizer,
+            title=f"DPO implicit rewards ({config.model.name}, beta {config.loss.beta}) on {config.data.dev}")
+    return result
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+def train_command(args) -> int:
+    preset, overrides = split_preset(args.preset, args.overrides)
+    train(cfg_lib.load(DPOConfig, preset, overrides), report=args.report)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dpo", help="DPO / cDPO / IPO / Plackett-Luce fine-tuning of a causal LM from comparisons",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Direct preference optimisation from pairs or rankings. Settings come from an optional "
+                    "YAML preset, then overrides: section.key=value or --section.key value.",
+        epilog="settings:\n" + cfg_lib.describe(DPOConfig))
+    parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/dpo_hh_smollm2.yaml)")
+    parser.add_argument("--report", metavar="DIR", help="after training, write the reward-model report "
+                        "(report.html, report.json, PNG plots) of the dev implicit rewards into DIR")
+    parser.set_defaults(run=train_command, overrides=[])

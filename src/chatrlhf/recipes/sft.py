@@ -1,0 +1,466 @@
+"""Supervised fine-tuning of a causal LM on prompt/response or chat data.
+
+    chatrlhf sft configs/sft_hh_smollm2.yaml
+    chatrlhf sft model.name=smollm2-135m data.train=chats.jsonl model.lora_r=8 data.packing=true
+
+Data: preference files through ``chatrlhf.data.load`` (a pair trains on its ``chosen`` reply, a
+ranking on its best-ranked replies), or SFT JSONL with ``{"prompt", "response"}`` or
+``{"messages": [...]}`` rows (the last assistant message is the reply, everything before it the
+prompt; earlier assistant turns are context and carry no loss, a deliberate simplification).
+The prompt is rendered with the tokenizer's chat template (policy.py) and carries no loss: the
+loss is the mean negative log-likelihood of the reply tokens, end-of-turn marker included.
+
+Packing (``data.packing=true``) puts several examples in one row of up to model.max_length
+tokens; each keeps its own positions and a block-diagonal causal mask, so no token attends
+across examples and the loss is the one unpacked rows give. Steps: setup -> fit -> evaluate ->
+save, in plain sight below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from chatrlhf import config as cfg_lib
+from chatrlhf import models, policy, training
+from chatrlhf.config import DataConfig, ModelConfig, option
+from chatrlhf.data import load
+from chatrlhf.data.records import Pair, Ranking
+from chatrlhf.training import CHECKPOINTS
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PolicyModelConfig(ModelConfig):
+    name: str = option("smollm2-135m", "causal LM: 'smollm2-135m', a hub id or a local folder")
+    dropout: bool = option(False, "keep the model's dropout while training (LoRA's own dropout is kept)")
+
+
+@dataclasses.dataclass
+class SFTDataConfig(DataConfig):
+    reader: str = option("auto", "'auto' (SFT JSONL with prompt/response or messages, else the "
+                         "preference readers of `chatrlhf data validate`), 'sft', or a reader name")
+    packing: bool = option(False, "pack several examples per row (own positions, block-diagonal mask)")
+
+
+@dataclasses.dataclass
+class PolicyTrainConfig:
+    output_dir: str = option("runs/sft", "where checkpoints, metrics.jsonl and the final model go")
+    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
+    batch_size: int = option(8, "sequences (or packed rows) per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-5, "peak learning rate (AdamW); LoRA usually wants ~1e-4 to 1e-3")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps with linear warmup")
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
+    eval_every: int = option(0, "evaluate on data.dev every N steps; 0: at the start and the end only")
+    save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
+    seed: int = option(42, "seed for initialisation and data order")
+    eval_batch_size: int = option(16, "sequences per batch when evaluating")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
+    train: PolicyTrainConfig = dataclasses.field(default_factory=PolicyTrainConfig)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+@dataclass
+class Example(policy.Encoded):
+    record_index: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def _sft_rows(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+
+
+def is_sft_file(path: str) -> bool:
+    """Whether the first row of a JSONL file has SFT fields (messages, or prompt + response)."""
+    p = Path(path)
+    if not p.is_file() or not p.name.lower().removesuffix(".gz").endswith((".jsonl", ".ndjson")):
+        return False
+    for _, row in _sft_rows(p):
+        return isinstance(row, dict) and ("messages" in row or {"prompt", "response"} <= set(row))
+    return False
+
+
+def read_sft(path: str, allow_empty: bool = False) -> list[tuple[object, str]]:
+    """(prompt, reply) per row of an SFT JSONL file; a bad row is an error naming line and field."""
+    examples = []
+    for number, row in _sft_rows(Path(path)):
+        where = f"{path}: line {number}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, found {type(row).__name__}")
+        if "messages" in row:
+            chat = row["messages"]
+            ok = isinstance(chat, list) and chat and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in chat)
+            if not ok:
+                raise ValueError(f"{where}: field 'messages': expected a non-empty list of "
+                                 "{role: str, content: str}")
+            if chat[-1]["role"] != "assistant" or len(chat) < 2:
+                raise ValueError(f"{where}: field 'messages': expected the last message to be the "
+                                 f"assistant's reply after at least one other message, found role "
+                                 f"{chat[-1]['role']!r} in {len(chat)} message(s)")
+            prompt, reply = chat[:-1], chat[-1]["content"]
+        else:
+            prompt, reply = row.get("prompt"), row.get("response")
+            for field, value in (("prompt", prompt), ("response", reply)):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: field '{field}': expected a string, found "
+                                     f"{type(value).__name__}")
+        if not prompt or (not reply.strip() and not allow_empty):
+            raise ValueError(f"{where}: expected a non-empty prompt and reply "
+                             "(data.allow_empty=true accepts empty replies)")
+        examples.append((prompt, reply))
+    return examples
+
+
+def read_examples(path: str, data: SFTDataConfig, log=print) -> list[tuple[object, str]]:
+    """(prompt, reply) pairs to imitate, from an SFT file or a preference file."""
+    if data.reader == "sft" or (data.reader == "auto" and is_sft_file(path)):
+        examples = read_sft(path, data.allow_empty)
+        log(f"{path}: {len(examples)} SFT examples")
+        return examples
+    loaded = load(path, reader=data.reader, fields=data.fields or None, skip_invalid=data.skip_invalid,
+                  nan_as_missing=data.nan_as_missing, allow_empty=data.allow_empty, **data.options)
+    log(loaded.summary())
+    examples, ties, scored = [], 0, 0
+    for record in loaded.records:
+        if isinstance(record, Pair):
+            # A tie says neither reply is worse; chosen is still one a person accepted.
+            ties += record.tie
+            examples.append((record.prompt, record.chosen))
+        elif isinstance(record, Ranking):
+            best = min(record.ranks)
+            examples += [(record.prompt, r) for r, k in zip(record.replies, record.ranks) if k == best]
+        else:
+            scored += 1
+    if scored:
+        raise ValueError(f"{path}: {scored} scored samples: SFT needs pairs, rankings or SFT rows "
+                         "(a score does not say which reply to imitate)")
+    log(f"{path}: {len(examples)} examples (the chosen reply of each pair, the best of each ranking"
+        + (f"; {ties} tied pairs use their 'chosen' reply" if ties else "") + ")")
+    return examples
+
+
+def encode_examples(examples, tokenizer, model_cfg: ModelConfig, source: str, log=print) -> list[Example]:
+    out = []
+    for index, (prompt, reply) in enumerate(examples):
+        e = policy.encode_prompt_response(tokenizer, prompt, reply, model_cfg.max_length, model_cfg.max_reply_tokens)
+        out.append(Example(e.input_ids, e.prompt_tokens, e.cut, index))
+    cut = sum(e.cut for e in out)
+    log(f"{source}: {cut} of {len(out)} examples cut to model.max_length={model_cfg.max_length} "
+        "(prompt from the left, then the reply from the right; none dropped)")
+    return out
+
+
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int,
+                  packing: bool, max_length: int) -> list[list[list[int]]]:
+    """Batches of rows of example indices. Unpacked, a row is one example and rows are bucketed
+    by length (shuffled, sorted within windows of 50 batches, batches shuffled); packed, rows are
+    filled first-fit-decreasing up to max_length. Deterministic in (seed, epoch) for resume."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    if packing:
+        rows, room = [], []
+        for i in sorted(order, key=lambda i: -examples[i].num_tokens):
+            n = examples[i].num_tokens
+            slot = next((r for r, free in enumerate(room) if free >= n), None)
+            if slot is None:
+                rows.append([i])
+                room.append(max_length - n)
+            else:
+                rows[slot].append(i)
+                room[slot] -= n
+        rng.shuffle(rows)
+    else:
+        rows, window = [], batch_size * 50
+        for start in range(0, len(order), window):
+            rows += [[i] for i in sorted(order[start:start + window], key=lambda i: examples[i].num_tokens)]
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    if not packing:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate_rows(rows: list[list[Example]], pad_token_id: int) -> dict:
+    """(R, T) input_ids / position_ids / loss_mask and a (R, 1, T, T) additive attention mask in
+    which each example sees only itself, causally; pads form their own block (never a fully
+    masked row, which would give NaN)."""
+    width = max(sum(e.num_tokens for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, e in enumerate(row):
+            end = start + e.num_tokens
+            input_ids[r, start:end] = torch.tensor(e.input_ids)
+            position_ids[r, start:end] = torch.arange(e.num_tokens)
+            segment[r, start:end] = s
+            loss_mask[r, start + max(e.prompt_tokens, 1):end] = True  # a row's first token has no target
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (segment[:, :, None] == segment[:, None, :])
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
+            "loss_mask": loss_mask}
+
+
+def make_batch(rows: list[list[Example]], pad_token_id: int, packing: bool) -> dict:
+    if packing:
+        return collate_rows(rows, pad_token_id)
+    return policy.collate_lm([row[0] for row in rows], pad_token_id)
+
+
+# ---- loss -----------------------------------------------------------------------------------
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the reply tokens and their count.
+
+    Args:
+        logits: (B, T, V); labels: (B, T) token ids, position t predicted from < t;
+        loss_mask: (B, T) True on reply tokens. Prompt and padding positions add nothing.
+    Returns:
+        (scalar sum of -log p over masked tokens, number of masked tokens).
+    """
+    mask = loss_mask[:, 1:]
+    per_token = -policy.token_logps(logits, labels)
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(), int(mask.sum())
+
+
+def forward(model, batch: dict) -> torch.Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return model(**inputs).logits
+
+
+# ---- setup / fit / evaluate / save -----------------------------------------------------------
+
+@dataclass
+class Run:
+    config: SFTConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    train_examples: list[Example]
+    dev_examples: list[Example]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    batches_per_epoch: int
+    start_step: int = 0
+
+
+def setup(config: SFTConfig, log=print) -> Run:
+    train = config.train
+    training.seed_everything(train.seed)
+    if not config.data.train:
+        raise ValueError("data.train is not set: give a training file, e.g. data.train=chats.jsonl")
+    resume_from = training.resume_path(train.resume, train.output_dir, log)
+    model, tokenizer = policy.load_policy(str(resume_from) if resume_from else config.model.name,
+                                          lora=config.model.lora(), dropout=config.model.dropout)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    examples = read_examples(config.data.train, config.data, log)
+    if config.data.limit and config.data.limit < len(examples):
+        log(f"{config.data.train}: using the first {config.data.limit} of {len(examples)} examples (data.limit)")
+        examples = examples[:config.data.limit]
+    train_examples = encode_examples(examples, tokenizer, config.model, config.data.train, log)
+    dev_examples = (encode_examples(read_examples(config.data.dev, config.data, log), tokenizer, config.model,
+                                    config.data.dev, log) if config.data.dev else [])
+    batches = epoch_batches(train_examples, train.batch_size, train.seed, 0, config.data.packing,
+                            config.model.max_length)
+    if config.data.packing:
+        log(f"packing: {len(train_examples)} examples in {sum(len(b) for b in batches)} rows of up to "
+            f"{config.model.max_length} tokens")
+    total_steps = train.max_steps or math.ceil(train.epochs * len(batches) / train.grad_accum)
+    optimizer, scheduler = training.optimizer_and_scheduler(
+        model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
+    run = Run(config, model, tokenizer, device, train_examples, dev_examples, optimizer, scheduler,
+              total_steps, len(batches))
+    if resume_from:
+        run.start_step = training.restore_state(resume_from, optimizer, scheduler)["step"]
+        log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
+    return run
+
+
+def fit(run: Run) -> dict:
+    """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
+    config, model, train = run.config, run.model, run.config.train
+    Path(train.output_dir).mkdir(parents=True, exist_ok=True)
+    log_file = Path(train.output_dir) / "metrics.jsonl"
+    pad_id = run.tokenizer.pad_token_id
+    cached: dict[int, list] = {}
+    last_eval: dict = {}
+    if run.dev_examples and run.start_step == 0:
+        last_eval = evaluate(run)
+        with log_file.open("a") as f:
+            f.write(json.dumps({"step": 0, **{f"dev_{k}": v for k, v in last_eval.items()}}) + "\n")
+    recent: list[float] = []
+    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
+               desc="sft", dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        started = time.perf_counter()
+        step_nll, step_tokens, step_rows = 0.0, 0, 0
+        for micro in range(train.grad_accum):
+            epoch, position = divmod(step * train.grad_accum + micro, run.batches_per_epoch)
+            if epoch not in cached:
+                cached = {epoch: epoch_batches(run.train_examples, train.batch_size, train.seed, epoch,
+                                               config.data.packing, config.model.max_length)}
+            rows = [[run.train_examples[i] for i in row] for row in cached[epoch][position]]
+            batch = {k: v.to(run.device) for k, v in make_batch(rows, pad_id, config.data.packing).items()}
+            nll, count = response_nll(forward(model, batch), batch["input_ids"], batch["loss_mask"])
+            # Mean over the micro-batch's reply tokens; each micro-batch weighs the same.
+            loss = nll / max(count, 1)
+            if not torch.isfinite(loss):
+                records = [e.record_index for row in rows for e in row]
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}, examples {records}; "
+                                         f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+            (loss / train.grad_accum).backward()
+            step_nll, step_tokens = step_nll + nll.item(), step_tokens + count
+            step_rows += len(rows)
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm))
+                     if train.max_grad_norm else float("nan"))
+        if train.max_grad_norm and not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}; "
+                                     f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        step_loss = step_nll / max(step_tokens, 1)
+        recent = (recent + [step_loss])[-20:]
+        seconds = time.perf_counter() - started
+        entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+                 "grad_norm": grad_norm, "reply_tokens": step_tokens, "rows": step_rows,
+                 "seconds": seconds, "reply_tokens_per_s": step_tokens / seconds}
+        postfix = {"loss": f"{sum(recent) / len(recent):.3f}"}
+        done = step + 1 == run.total_steps
+        if run.dev_examples and ((train.eval_every and (step + 1) % train.eval_every == 0) or done):
+            last_eval = evaluate(run)
+            entry.update({f"dev_{k}": v for k, v in last_eval.items()})
+            postfix["dev_loss"] = f"{last_eval['loss']:.3f}"
+            model.train()
+        bar.set_postfix(postfix)
+        with log_file.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if (train.save_every and (step + 1) % train.save_every == 0) or done:
+            save_checkpoint(run, step + 1)
+    bar.close()
+    return last_eval
+
+
+@torch.inference_mode()
+def evaluate(run: Run) -> dict:
+    """Response-only loss (mean NLL per reply token) and perplexity on data.dev."""
+    run.model.eval()
+    examples = sorted(run.dev_examples, key=lambda e: e.num_tokens)
+    size = run.config.train.eval_batch_size
+    total, count = 0.0, 0
+    for start in range(0, len(examples), size):
+        batch = policy.collate_lm(examples[start:start + size], run.tokenizer.pad_token_id)
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        nll, n = response_nll(forward(run.model, batch), batch["input_ids"], batch["loss_mask"])
+        total, count = total + nll.item(), count + n
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "reply_tokens": count,
+            "examples": len(examples)}
+
+
+def metadata(config: SFTConfig, result: dict | None = None) -> dict:
+    out = {"chatrlhf_version": __import__("chatrlhf").__version__, "kind": "policy", "recipe": "sft",
+           "base_model": models.resolve(config.model.name), "max_length": config.model.max_length,
+           "config": cfg_lib.to_dict(config)}
+    if result:
+        out["eval"] = result
+    return out
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    training.save_checkpoint(run.config.train.output_dir, step, run.model, run.tokenizer, metadata(run.config),
+                             training.training_state(step, run.optimizer, run.scheduler),
+                             run.config.train.keep_checkpoints)
+
+
+def train(config: SFTConfig) -> dict:
+    """setup -> fit -> evaluate -> save; returns the final dev metrics (empty without dev data)."""
+    run = setup(config)
+    result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_examples else {})
+    folder = Path(config.train.output_dir) / "model"
+    models.save_model(run.model, run.tokenizer, folder, metadata(config, result))
+    print(f"saved policy to {folder}")
+    if result:
+        print(f"dev response-only loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) "
+              f"on {result['reply_tokens']} reply tokens of {result['examples']} examples")
+    return result
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+def split_preset(preset: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
+        return None, [preset, *overrides]
+    return preset, list(overrides)
+
+
+def train_command(args) -> int:
+    preset, overrides = split_preset(args.preset, args.overrides)
+    train(cfg_lib.load(SFTConfig, preset, overrides))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sft", help="supervised fine-tuning of a causal LM (loss on the reply tokens only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Supervised fine-tuning on prompt/response, chat or preference data (chosen replies). "
+                    "Settings come from an optional YAML preset, then overrides: section.key=value or "
+                    "--section.key value.",
+        epilog="settings:\n" + cfg_lib.describe(SFTConfig))
+    parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/sft_hh_smollm2.yaml)")
+    parser.set_defaults(run=train_command, overrides=[])
