@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,26 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data {path} is absent (the project reads it from ../shared/data)")
     return path
+
+
+@contextmanager
+def running(app, log_level: str = "warning", **options):
+    """Serve ``app`` with a real uvicorn server on a free loopback port, in a thread; yields the
+    base URL. ``options`` go to ``uvicorn.Config`` (e.g. ``chatrlhf serve``'s server options)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -5,11 +5,9 @@ tiny model, which times out, fails with 500 and answers malformed text for chose
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,9 @@ from chatrlhf import config as cfg_lib
 from chatrlhf import judge as judge_lib
 from chatrlhf.data import load
 from chatrlhf.data.records import Pair, Ranking, ScoredSample
-from chatrlhf.recipes.label import Group, LabelConfig, Run, evaluate, label, pair_verdict
+from chatrlhf.recipes.label import Group, LabelConfig, Run, evaluate, pair_verdict
 
-from conftest import WORDS, separable_pairs, write_jsonl
+from conftest import WORDS, running, separable_pairs, write_jsonl
 
 PRESET = Path(__file__).parents[1] / "configs" / "label_pandalm_smollm2.yaml"
 # Short templates: the tiny word-level vocabulary knows "A", "B" and the digits, not English.
@@ -132,32 +130,11 @@ def openai_app(model_dirs: dict, state: Misbehaving, api_key: str):
     return app
 
 
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn on a free loopback port; yields the base URL (as test_serve.py)."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture
 def server(judges):
     state = Misbehaving()
-    with running(openai_app(judges, state, api_key="sk-test")) as url:
+    with running(openai_app(judges, state, api_key="sk-test")) as base:
+        url = base + "/v1"
         yield url, state
 
 

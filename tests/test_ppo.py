@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import separable_pairs, write_jsonl
-from test_serve import running
+from conftest import running, separable_pairs, write_jsonl
 
 from chatrlhf import cli, models
 from chatrlhf import config as cfg_lib

@@ -8,8 +8,6 @@ import math
 import shutil
 import socket
 import threading
-import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -20,30 +18,9 @@ from chatrlhf.client import RewardClient
 from chatrlhf.data.batching import Group, tokenize_groups
 from chatrlhf.recipes.reward import score_groups
 from chatrlhf.serve import create_app, plan_passes, split_conversation
+from conftest import running
 
 MEAN, STD, MAX_LENGTH = 0.5, 2.0, 64
-
-
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn on a free loopback port; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from chatrlhf.serve import create_app, server_options
+from conftest import running
 
 READ_TIMEOUT, MAX_BODY = 1.0, 20_000
 # Deadlines are checked with room to spare: the CI machine has 2 busy cores.
@@ -34,27 +35,10 @@ raw_exchange, post_head, whole, chunked = (serve_load.raw_exchange, serve_load.p
 
 
 @contextmanager
-def running(app, **options):
+def serving(app, **options):
     """Serve ``app`` on a free loopback port with ``chatrlhf serve``'s uvicorn options."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="critical", **server_options(read_timeout=READ_TIMEOUT,
-                                                                        **options))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with running(app, "critical", **server_options(read_timeout=READ_TIMEOUT, **options)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +60,7 @@ def model_dir(tiny_bert, tmp_path_factory) -> str:
 def url(model_dir):
     app = create_app(model_dir, max_batch=4, max_wait_ms=20, max_items=8, max_chars=200,
                      max_body_bytes=MAX_BODY, read_timeout=READ_TIMEOUT)
-    with running(app, limit_concurrency=256, timeout_keep_alive=2) as base:
+    with serving(app, limit_concurrency=256, timeout_keep_alive=2) as base:
         yield base
 
 
@@ -225,7 +209,7 @@ def test_many_connections_some_abandoned(url):
 
 
 def test_limit_concurrency_refuses_with_503_and_idle_connections_are_reclaimed(tiny_bert):
-    with running(create_app(tiny_bert, read_timeout=READ_TIMEOUT), limit_concurrency=4) as base:
+    with serving(create_app(tiny_bert, read_timeout=READ_TIMEOUT), limit_concurrency=4) as base:
         idle = [socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) for _ in range(4)]
         try:
             status, _ = raw_exchange(base, [whole("/score", json.dumps({"items": [ITEM]}).encode())])
