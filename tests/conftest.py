@@ -108,3 +108,22 @@ def running(app, log_level: str = "warning", **options):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def crash_after_checkpoint(monkeypatch, recipe, at_step: int):
+    """Make ``recipe.save_checkpoint`` raise KeyboardInterrupt right after writing the checkpoint
+    of step ``at_step``, as a kill between two steps would; the block must end that way."""
+    real_save = recipe.save_checkpoint
+
+    def crashing(run, step):
+        real_save(run, step)
+        if step == at_step:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(recipe, "save_checkpoint", crashing)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(recipe, "save_checkpoint", real_save)

@@ -103,7 +103,7 @@ from chatrlhf import config as cfg_lib  # noqa: E402
 from chatrlhf import policy  # noqa: E402
 from chatrlhf.cli import main  # noqa: E402
 from chatrlhf.recipes import dpo  # noqa: E402
-from conftest import separable_pairs, write_jsonl  # noqa: E402
+from conftest import crash_after_checkpoint, separable_pairs, write_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,17 +163,8 @@ def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_llama, monk
     settings = ("train.max_steps=6", "train.save_every=3", "train.batch_size=4")
     whole = log(run_dpo(tmp_path, tiny_llama, rows, *settings, name="whole"))
 
-    real_save = dpo.save_checkpoint
-
-    def crash_after_step_3(run, step):
-        real_save(run, step)
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(dpo, "save_checkpoint", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint(monkeypatch, dpo, at_step=3):
         run_dpo(tmp_path, tiny_llama, rows, *settings, name="crashed")
-    monkeypatch.setattr(dpo, "save_checkpoint", real_save)
     # Without the cache, the full fine-tuned resume must load the original weights as reference.
     (tmp_path / "crashed" / dpo.REFERENCE_FILE).unlink()
     resumed = log(run_dpo(tmp_path, tiny_llama, rows, *settings, "train.resume=true", name="crashed"))

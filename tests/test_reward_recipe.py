@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from chatrlhf import models, training
 from chatrlhf.cli import main
 from chatrlhf.recipes import reward
-from conftest import separable_pairs, write_jsonl
+from conftest import crash_after_checkpoint, separable_pairs, write_jsonl
 
 
 def train(tmp_path, model: str, rows: list[dict], *extra: str, dev_rows=None, name="run") -> Path:
@@ -64,17 +64,8 @@ def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_bert, monke
     settings = ("train.max_steps=6", "train.save_every=3", "train.epochs=2")
     whole = log(train(tmp_path, tiny_bert, rows, *settings, name="whole"))
 
-    real_save = reward.save_checkpoint
-
-    def crash_after_step_3(run, step):
-        real_save(run, step)
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(reward, "save_checkpoint", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint(monkeypatch, reward, at_step=3):
         train(tmp_path, tiny_bert, rows, *settings, name="crashed")
-    monkeypatch.setattr(reward, "save_checkpoint", real_save)
     resumed = log(train(tmp_path, tiny_bert, rows, *settings, "train.resume=true", name="crashed"))
     assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]
     assert resumed[-1]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)

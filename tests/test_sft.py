@@ -12,7 +12,7 @@ from chatrlhf import config as cfg_lib
 from chatrlhf import policy
 from chatrlhf.cli import main
 from chatrlhf.recipes import sft
-from conftest import separable_pairs, write_jsonl
+from conftest import crash_after_checkpoint, separable_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,17 +94,8 @@ def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_llama, monk
     settings = ("train.max_steps=6", "train.save_every=3", "model.lora_r=4", "data.packing=true")
     whole = log(run_sft(tmp_path, tiny_llama, rows, *settings, name="whole"))
 
-    real_save = sft.save_checkpoint
-
-    def crash_after_step_3(run, step):
-        real_save(run, step)
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(sft, "save_checkpoint", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint(monkeypatch, sft, at_step=3):
         run_sft(tmp_path, tiny_llama, rows, *settings, name="crashed")
-    monkeypatch.setattr(sft, "save_checkpoint", real_save)
     resumed = log(run_sft(tmp_path, tiny_llama, rows, *settings, "train.resume=true", name="crashed"))
     assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]
     assert [e["loss"] for e in resumed[3:]] == pytest.approx([e["loss"] for e in whole[3:]], abs=1e-6)
