@@ -80,6 +80,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def read_metrics(out: Path) -> list[dict]:
+    """The lines of a run's ``metrics.jsonl``, one dict per logged step."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def shared_file(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():

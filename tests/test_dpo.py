@@ -103,7 +103,7 @@ from chatrlhf import config as cfg_lib  # noqa: E402
 from chatrlhf import policy  # noqa: E402
 from chatrlhf.cli import main  # noqa: E402
 from chatrlhf.recipes import dpo  # noqa: E402
-from conftest import crash_after_checkpoint, separable_pairs, write_jsonl  # noqa: E402
+from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, write_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,9 +118,6 @@ def run_dpo(tmp_path, model: str, rows: list[dict], *extra: str, name="run", dev
     assert main(args) == 0
     return out
 
-
-def log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dpo_raises_held_out_implicit_reward_accuracy(tmp_path, tiny_llama, capsys):

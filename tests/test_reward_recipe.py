@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from chatrlhf import models, training
 from chatrlhf.cli import main
 from chatrlhf.recipes import reward
-from conftest import crash_after_checkpoint, separable_pairs, write_jsonl
+from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, write_jsonl
 
 
 def train(tmp_path, model: str, rows: list[dict], *extra: str, dev_rows=None, name="run") -> Path:
@@ -25,9 +25,6 @@ def train(tmp_path, model: str, rows: list[dict], *extra: str, dev_rows=None, na
     assert main(args) == 0
     return out
 
-
-def log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tiny_bert_learns_a_separable_preference(tmp_path, tiny_bert, capsys):

@@ -12,7 +12,7 @@ from chatrlhf import config as cfg_lib
 from chatrlhf import policy
 from chatrlhf.cli import main
 from chatrlhf.recipes import sft
-from conftest import crash_after_checkpoint, separable_pairs, write_jsonl
+from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,6 @@ def run_sft(tmp_path, model: str, rows: list[dict], *extra: str, name="run", dev
     assert main(args) == 0
     return out
 
-
-def log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def sft_rows(n: int, seed: int) -> list[dict]:

@@ -126,6 +126,14 @@ def load(cls, preset: str | Path | None = None, overrides: list[str] | dict | No
     return from_dict(cls, values)
 
 
+def split_preset(preset: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The command line's optional first argument is a preset, unless it is already an override
+    (``chatrlhf sft data.train=x.jsonl``): then it joins the overrides."""
+    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
+        return None, [preset, *overrides]
+    return preset, list(overrides)
+
+
 def describe(cls, prefix: str = "") -> str:
     """Every setting with its default and help, for ``--help``."""
     lines = []

@@ -37,7 +37,7 @@ from chatrlhf import losses, metrics, models, policy, training
 from chatrlhf.config import DataConfig, option
 from chatrlhf.data import load
 from chatrlhf.data.batching import Group, to_groups
-from chatrlhf.recipes.sft import PolicyModelConfig, PolicyTrainConfig, epoch_batches, split_preset
+from chatrlhf.recipes.sft import PolicyModelConfig, PolicyTrainConfig, epoch_batches
 from chatrlhf.training import CHECKPOINTS
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -436,7 +436,7 @@ def train(config: DPOConfig, report: str | None = None) -> dict:
 # ---- command line ---------------------------------------------------------------------------
 
 def train_command(args) -> int:
-    preset, overrides = split_preset(args.preset, args.overrides)
+    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
     train(cfg_lib.load(DPOConfig, preset, overrides), report=args.report)
     return 0
 

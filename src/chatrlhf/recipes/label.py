@@ -478,9 +478,7 @@ def format_summary(s: dict, files: dict) -> str:
 
 
 def label_command(args) -> int:
-    preset, overrides = args.preset, list(args.overrides)
-    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
-        preset, overrides = None, [preset, *overrides]
+    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
     label(cfg_lib.load(LabelConfig, preset, overrides))
     return 0
 

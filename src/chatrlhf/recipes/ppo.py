@@ -644,9 +644,7 @@ def train(config: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
 
 
 def train_command(args) -> int:
-    preset, overrides = args.preset, list(args.overrides)
-    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
-        preset, overrides = None, [preset, *overrides]
+    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
     if args.reward_url:
         overrides += [f"reward.url={args.reward_url}", "reward.model="]  # the URL replaces a preset's model
     train(cfg_lib.load(PPOConfig, preset, overrides))

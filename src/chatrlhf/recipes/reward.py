@@ -488,9 +488,7 @@ def eval_command(args) -> int:
 
 
 def train_command(args) -> int:
-    preset, overrides = args.preset, list(args.overrides)
-    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
-        preset, overrides = None, [preset, *overrides]
+    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
     config = cfg_lib.load(RewardConfig, preset, overrides)
     train(config)
     return 0

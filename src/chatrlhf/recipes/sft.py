@@ -442,14 +442,8 @@ def train(config: SFTConfig) -> dict:
 
 # ---- command line ---------------------------------------------------------------------------
 
-def split_preset(preset: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
-        return None, [preset, *overrides]
-    return preset, list(overrides)
-
-
 def train_command(args) -> int:
-    preset, overrides = split_preset(args.preset, args.overrides)
+    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
     train(cfg_lib.load(SFTConfig, preset, overrides))
     return 0
 
