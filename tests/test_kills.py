@@ -21,7 +21,8 @@ from conftest import separable_pairs, write_jsonl
 STEPS = 12
 # One thread per process: the result does not depend on it, and on a busy 2-core machine two
 # OpenMP threads per process make a tiny model's backward a hundred times slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Unbuffered: a SIGKILL must not take the "resumed from" lines still sitting in a stdout buffer.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def command(model: str, data: str, out: Path, *extra: str) -> list[str]:
