@@ -3,11 +3,17 @@
     python bench/reward_throughput.py --case hh-minilm --steps 20
     python bench/reward_throughput.py --case all
 
-Both train the same backbone on the same data, max length, batch (in pairs for TRL, in groups for
-chatrlhf), steps and threads. TRL is fed ids already cut the way chatrlhf cuts them (prompt from
-the left), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded, as its users
+Both train the same backbone, max length, batch size and threads, one epoch over the same data:
+a seeded random sample of the file, as many groups as ``--steps`` + 1 batches of chatrlhf (its
+batches are groups, TRL's are pairs; the first step of each is a warm-up and not timed). TRL is
+fed ids already cut the way chatrlhf cuts them (prompt from the left, alike for a group's
+replies), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded, as its users
 must do. Printed per case: pairs/s, real tokens/s, peak memory, model-FLOPs utilisation against
-a matmul peak measured here (6 x non-embedding parameters x real tokens), and the ratio. Each
+a matmul peak measured here in the side's precision (6 x non-embedding parameters x real tokens
+of the K sequences: with prompt sharing chatrlhf computes the shared prompt once, so its figure
+can exceed what the hardware ran), and the ratio. ``--precision default`` runs each tool as it
+ships: TRL in float32, chatrlhf with ``train.bf16=auto`` (bf16 autocast where the CPU has it
+natively). Each
 side runs in its own child process, so its peak resident memory is its own. Scoring is compared
 too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
 user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import models
+from chatrlhf import models, training
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import load, save
 from chatrlhf.data.batching import to_groups, tokenize_groups
@@ -70,16 +77,19 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     config = cfg_lib.load(RewardConfig, None, {
         "model": {"name": backbone, "max_length": args.max_length},
         "data": {"train": str(data_file), "allow_empty": True},
-        "train": {"output_dir": str(workdir / "chatrlhf"), "max_steps": args.steps + 1,
-                  "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0, "bf16": args.bf16,
-                  "share_prompt": not args.no_share},
+        "train": {"output_dir": str(workdir / "chatrlhf"), "epochs": 1,
+                  "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0,
+                  "bf16": {"fp32": False, "bf16": True, "default": "auto"}[args.precision],
+                  "share_prompt": not args.no_share,
+                  "gradient_checkpointing": args.checkpointing == "on"},
     })
     run = reward.setup(config)
     reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
     reward.fit(run)
     lines = (workdir / "chatrlhf" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line) for line in lines][1:]  # the first step is a warm-up
-    return summarize(steps, non_embedding_parameters(run.model))
+    dtype = "bf16" if training.use_bf16(config.train.bf16) else "fp32"
+    return summarize(steps, non_embedding_parameters(run.model), dtype)
 
 
 def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
@@ -95,9 +105,7 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
             for j in range(len(group.replies)):
                 if group.ranks[i] < group.ranks[j]:
                     rows.append({"chosen_ids": group.input_ids[i], "rejected_ids": group.input_ids[j]})
-    needed = (args.steps + 1) * args.batch
-    rows = (rows * (needed // len(rows) + 1))[:needed]
-    times, real_tokens = [], []
+    times, batches = [], []  # per step: seconds; (real tokens, pairs)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -107,8 +115,9 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
             times.append(time.perf_counter() - self.start)
 
     training_args = TRLConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch,
-                              max_steps=args.steps + 1, learning_rate=1e-5, report_to=[], save_strategy="no",
-                              logging_strategy="no", max_length=None, use_cpu=True, bf16=args.bf16,
+                              num_train_epochs=1, learning_rate=1e-5, report_to=[], save_strategy="no",
+                              logging_strategy="no", max_length=None, use_cpu=True, bf16=args.precision == "bf16",
+                              gradient_checkpointing=args.checkpointing != "off",
                               dataloader_num_workers=0, disable_tqdm=True)
     trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
@@ -116,13 +125,13 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
 
     def counting_collator(examples):
         batch = collator(examples)
-        real_tokens.append(int(batch["attention_mask"].sum()))
+        batches.append((int(batch["attention_mask"].sum()), len(examples)))
         return batch
 
     trainer.data_collator = counting_collator
     trainer.train()
-    steps = [{"seconds": s, "tokens": t, "pairs": args.batch} for s, t in zip(times, real_tokens)][1:]
-    return summarize(steps, non_embedding_parameters(model))
+    steps = [{"seconds": s, "tokens": t, "pairs": p} for s, (t, p) in zip(times, batches)][1:]
+    return summarize(steps, non_embedding_parameters(model), "bf16" if args.precision == "bf16" else "fp32")
 
 
 @torch.inference_mode()
@@ -145,19 +154,22 @@ def our_scoring(backbone: str, groups) -> float:
     return time.perf_counter() - start
 
 
-def summarize(steps: list[dict], params: int) -> dict:
+def summarize(steps: list[dict], params: int, dtype: str) -> dict:
     seconds = sum(s["seconds"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
     return {"steps": len(steps), "seconds": seconds, "pairs_per_s": sum(s["pairs"] for s in steps) / seconds,
             "tokens_per_s": tokens / seconds, "peak_mib": peak_mib(),
-            "gflops": 6 * params * tokens / seconds / 1e9}
+            "gflops": 6 * params * tokens / seconds / 1e9, "dtype": dtype}
 
 
-def load_groups(backbone: str, data_file: Path, max_length: int, limit: int | None = None):
+def load_groups(backbone: str, data_file: Path, max_length: int, count: int):
+    """A seeded random sample of ``count`` records of the file (the same for both sides), and
+    their groups tokenised as chatrlhf does."""
     tokenizer = models.load_tokenizer(backbone)
-    records = load(data_file, allow_empty=True).records[:limit]
+    records = load(data_file, allow_empty=True).records
+    records = random.Random(0).sample(records, min(count, len(records)))
     groups = to_groups(records)
-    tokenize_groups(groups, tokenizer, max_length)
+    tokenize_groups(groups, tokenizer, max_length, same_prompt=True)  # as reward.load_groups
     return records, groups
 
 
@@ -166,13 +178,13 @@ def side(args) -> dict:
     backbone, data_file = CASES[args.case]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        records, groups = load_groups(backbone, data_file, args.max_length)
+        count = args.score_groups if args.side == "scoring" else (args.steps + 1) * args.batch
+        records, groups = load_groups(backbone, data_file, args.max_length, count)
         if args.side == "chatrlhf":
             save(records, workdir / "data.jsonl")  # the same records, in the project's format
             return chatrlhf_run(backbone, workdir / "data.jsonl", args, workdir)
         if args.side == "trl":
             return trl_run(backbone, groups, args, workdir)
-        groups = groups[:args.score_groups]
         return {"replies": sum(len(g.replies) for g in groups),
                 "plain": plain_scoring(backbone, groups), "chatrlhf": our_scoring(backbone, groups)}
 
@@ -189,12 +201,18 @@ def in_child(args, which: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=[*CASES, "all"], default="hh-minilm")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (one more is run as warm-up)")
+    parser.add_argument("--steps", type=int, default=30, help="chatrlhf's timed steps: (steps + 1) x batch groups are "
+                        "sampled and trained one epoch; each side's first step is an untimed warm-up")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "default"], default="fp32",
+                        help="fp32 or bf16 autocast on both sides, or each side's default "
+                             "(TRL: fp32; chatrlhf: bf16 where the CPU computes it natively)")
     parser.add_argument("--no-share", action="store_true", help="chatrlhf without prompt sharing (decoders)")
+    parser.add_argument("--checkpointing", choices=["default", "on", "off"], default="default",
+                        help="gradient checkpointing on both sides, off on both, or each side's default "
+                             "(TRL: on, chatrlhf: off)")
     parser.add_argument("--score-groups", type=int, default=400, help="groups scored in the scoring test")
     parser.add_argument("--side", choices=["chatrlhf", "trl", "scoring"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,19 +223,20 @@ def main() -> int:
     if "--case" not in sys.argv:
         sys.argv += ["--case", args.case]
     cases = list(CASES) if args.case == "all" else [args.case]
-    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
-    print(f"matmul peak ({'bf16' if args.bf16 else 'fp32'}, {args.threads} threads): {peak:.1f} GFLOP/s")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak ({args.threads} threads): fp32 {peaks['fp32']:.1f}, bf16 {peaks['bf16']:.1f} GFLOP/s")
     for case in cases:
         args.case = case
         if not CASES[case][1].exists():
             print(f"{case}: skipped, {CASES[case][1]} is absent")
             continue
         ours, theirs = in_child(args, "chatrlhf"), in_child(args, "trl")
-        print(f"\n{case}: {args.steps} steps, batch {args.batch}, max length {args.max_length}")
-        print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7}")
+        print(f"\n{case}: {(args.steps + 1) * args.batch} groups sampled, batch {args.batch}, max length "
+              f"{args.max_length}, gradient checkpointing: {args.checkpointing}")
+        print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
         for name, result in (("TRL", theirs), ("chatrlhf", ours)):
             print(f"{name:10} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "
-                  f"{result['peak_mib']:9.0f} {result['gflops'] / peak:7.1%}")
+                  f"{result['peak_mib']:9.0f} {result['gflops'] / peaks[result['dtype']]:7.1%} {result['dtype']}")
         print(f"chatrlhf/TRL training pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
         scoring = in_child(args, "scoring")
         print(f"scoring {scoring['replies']} replies: plain transformers {scoring['plain']:.1f} s, "

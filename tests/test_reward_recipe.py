@@ -154,3 +154,23 @@ def test_length_sorted_chunks_give_the_same_rewards_and_gradients(tiny_bert):
     torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-5)
     for a, b in zip(one_grads, chunked_grads):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_llama):
+    rows = separable_pairs(16, seed=3, chat=True)
+    plain = log(train(tmp_path, tiny_llama, rows, "train.max_steps=2", name="plain"))
+    recomputed = log(train(tmp_path, tiny_llama, rows, "train.max_steps=2", "train.gradient_checkpointing=true",
+                           name="recomputed"))
+    for a, b in zip(plain, recomputed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_bf16_setting(tmp_path, tiny_bert, capsys, monkeypatch):
+    assert training.use_bf16(True) and not training.use_bf16(False)
+    monkeypatch.setattr(training, "native_bf16", lambda: False)
+    out = train(tmp_path, tiny_bert, separable_pairs(8, seed=1), "train.max_steps=1", "train.bf16=auto")
+    assert "train.bf16=auto: bf16 autocast off (native bf16 not found on cpu)" in capsys.readouterr().out
+    assert log(out)[0]["loss"] > 0
+    assert main(["reward", "train", "train.bf16=sometimes"]) == 2
+    assert "train.bf16: expected true, false or auto, found 'sometimes'" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from chatrlhf import models
 from chatrlhf.data.batching import collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, Ranking
-from chatrlhf.sharing import common_prefix, is_decoder, shared_prompt_rewards, split_groups
+from chatrlhf.sharing import common_prefix, is_decoder, pack, shared_prompt_rewards, split_groups
 
 
 def test_common_prefix_leaves_each_sequence_a_token():
@@ -17,15 +17,30 @@ def test_common_prefix_leaves_each_sequence_a_token():
     assert common_prefix([[7, 1], [8, 1]]) == 0
 
 
-def batch_of(tokenizer, records):
+def test_packing_places_groups_side_by_side_and_masks_them_apart():
+    prefixes, suffixes = [[1, 2, 3], [4], []], [[[6, 7], [8]], [[9], [10, 11]], [[12], [13]]]
+    packed = pack(prefixes, suffixes, pad_id=0)
+    # 6, 4 and 2 tokens: the longest sets the width, the two others share the second row.
+    assert packed.input_ids.tolist() == [[1, 2, 3, 6, 7, 8], [4, 9, 10, 11, 12, 13]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 0, 0]]
+    assert packed.reward_at == [(0, 4), (0, 5), (1, 1), (1, 3), (1, 4), (1, 5)]
+    mask = packed.attention_mask[:, 0]
+    assert mask[0, 5].tolist() == [True, True, True, False, False, True]  # a reply: prompt and itself
+    assert mask[1, 3].tolist() == [True, False, True, True, False, False]
+    assert mask[1, 4].tolist() == [False] * 4 + [True, False]  # nothing of the other group
+    assert mask[1, 5].tolist() == [False] * 5 + [True]  # nor of its sibling reply
+
+
+def batch_of(tokenizer, records, max_length=64):
     groups = to_groups(records)
-    tokenize_groups(groups, tokenizer, 64)
+    tokenize_groups(groups, tokenizer, max_length, same_prompt=True)
     return collate(groups, tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_shared_prompt_equals_separate_forwards(tiny_llama, lora):
+@pytest.mark.parametrize("lora,attention", [(0, "sdpa"), (4, "sdpa"), (0, "eager")])
+def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention):
     model, tokenizer = models.load_reward_model(tiny_llama, {"r": lora, "lora_alpha": 8} if lora else None)
+    model.set_attn_implementation(attention)
     torch.manual_seed(1)
     with torch.no_grad():  # a non-zero score head and adapter, so the gradients are not trivial
         for name, p in model.named_parameters():
@@ -39,7 +54,7 @@ def test_shared_prompt_equals_separate_forwards(tiny_llama, lora):
         Ranking(prompt="w5 w6", replies=["good w7", "w8", "bad bad w9 w10"], ranks=[0, 1, 2]),
     ]
     batch = batch_of(tokenizer, records)
-    prefixes, _, _ = split_groups(batch["input_ids"], batch["attention_mask"], batch["group_sizes"])
+    prefixes, _ = split_groups(batch["input_ids"], batch["attention_mask"], batch["group_sizes"])
     assert [len(p) for p in prefixes] == [7, 3, 2]  # something is shared in every group
     model.train()
     separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
@@ -69,3 +84,17 @@ def test_training_with_and_without_sharing_gives_the_same_run(tmp_path, tiny_lla
     for a, b in zip(shared, separate):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_prompts_cut_to_fit_stay_shared(tiny_llama):
+    model, tokenizer = models.load_reward_model(tiny_llama)
+    long_prompt = " ".join(f"w{i % 40}" for i in range(80))
+    records = [Pair(prompt=long_prompt, chosen="good", rejected="bad w1 w2 w3 w4 w5 w6")]
+    batch = batch_of(tokenizer, records, max_length=32)
+    assert batch["attention_mask"].sum(1).tolist() == [26, 32]  # both cut, the prompt alike
+    prefixes, _ = split_groups(batch["input_ids"], batch["attention_mask"], batch["group_sizes"])
+    assert len(prefixes[0]) == 25
+    separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
+                                   tokenizer.pad_token_id)
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)

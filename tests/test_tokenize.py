@@ -51,3 +51,16 @@ def test_chat_prompt_without_template_uses_the_hh_layout(tokenizer):
     [encoded] = encode_batch(tokenizer, [chat], ["fine"], max_length=64)
     assert tokenizer.decode(encoded.input_ids) == (
         "[CLS] human : hi assistant : hello human : how are you assistant : [SEP] fine [SEP]")
+
+
+def test_a_groups_replies_keep_the_same_prompt_tokens(tokenizer):
+    prompt = " ".join(f"word{i}" for i in range(100))
+    short, long = "yes", " ".join(["reply"] * 20)
+    alone = encode_batch(tokenizer, [prompt, prompt], [short, long], max_length=48)
+    assert alone[0].prompt_tokens > alone[1].prompt_tokens  # each fills its own room
+    together = encode_batch(tokenizer, [prompt, prompt, prompt], [short, long, short], max_length=48,
+                            groups=[0, 0, 1])
+    assert together[0].prompt_tokens == together[1].prompt_tokens == alone[1].prompt_tokens
+    assert together[0].input_ids[:together[0].prompt_tokens] == together[1].input_ids[:together[1].prompt_tokens]
+    assert together[2].input_ids == alone[0].input_ids  # another group is not affected
+    assert all(e.cut for e in together)

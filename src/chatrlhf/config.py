@@ -223,7 +223,10 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
     seed: int = option(42, "seed for initialisation, data order and dropout")
-    bf16: bool = option(False, "bf16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs)")
+    bf16: bool | str = option(False, "bf16 autocast: true, false, or 'auto' (on where the hardware computes "
+                              "bf16 natively: CPUs with AVX512-BF16 or AMX, recent GPUs); weights stay float32")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
+                                          "about a third more compute")
     log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
     eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
     share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "
@@ -237,6 +240,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
         if self.rows_per_forward < 0:
             raise ValueError(f"train.rows_per_forward: expected >= 0, found {self.rows_per_forward}")
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr: expected > 0, found {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -1,20 +1,26 @@
 """Shared-prompt forward for decoder reward models: each group's prompt is computed once.
 
 The K replies of a group share their prompt, and in a causal decoder the prompt's hidden states
-do not depend on what follows. So the common prefix of a group's K sequences is run once (one row
-per group), its key/value cache is repeated for the group's K replies, and only the replies run on
-top of it. Gradients flow back through the cache into the prompt's computation, so loss and
-gradients equal K separate forwards up to floating-point rounding (tests/test_sharing.py).
+do not depend on what follows. So a group is packed into one sequence, its prompt followed by its
+K replies, and an attention mask lets each reply see the prompt and itself only; each reply's
+positions continue from the end of the prompt, as in a separate forward. Several groups share a
+row when they fit (each sees only itself), so there is almost no padding either. Gradients flow
+into the prompt's computation from all K replies, so loss and gradients equal K separate forwards
+up to floating-point rounding (tests/test_sharing.py).
 
 The shared part is the longest common token prefix of the group's sequences, not the prompt as
 rendered: it equals the prompt whenever the template tokenises the prompt the same way whatever
-follows, and it stays exact when it does not. Each reply keeps at least its last token.
+follows, and it stays exact when it does not. Each reply keeps at least its last token. (Long
+prompts are cut the same way for a group's replies, ``tokenize_groups(same_prompt=True)``, so
+they stay shared.)
 
 Encoders (BERT-like) attend in both directions, so their prompt states depend on the reply; they
 are scored with ordinary batched forwards.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,27 +35,76 @@ def common_prefix(sequences: list[list[int]]) -> int:
 
 
 def split_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 group_sizes: list[int]) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Per group its shared prefix, and per reply its own suffix (token id lists)."""
+                 group_sizes: list[int]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Per group its shared prefix and its replies' own suffixes (token id lists)."""
     sequences = [ids[:int(n)].tolist() for ids, n in zip(input_ids, attention_mask.sum(1))]
     prefixes, suffixes, start = [], [], 0
     for size in group_sizes:
         group = sequences[start:start + size]
         length = common_prefix(group) if size > 1 else 0
         prefixes.append(group[0][:length])
-        suffixes += [s[length:] for s in group]
+        suffixes.append([s[length:] for s in group])
         start += size
-    return prefixes, suffixes, group_sizes
+    return prefixes, suffixes
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
+@dataclass
+class Packed:
+    """Groups packed into rows: what the model reads, and where each reward is read off."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    position_ids: torch.Tensor  # (rows, width)
+    attention_mask: torch.Tensor  # (rows, 1, width, width) bool, True = may attend
+    reward_at: list[tuple[int, int]] = field(default_factory=list)  # (row, column) per reply
+
+
+def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int) -> Packed:
+    """Pack each group as prefix + its suffixes, groups placed first-fit (longest first) into
+    rows as wide as the longest group."""
+    lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
+    width = max(lengths)
+    rows: list[list[int]] = []  # group indices per row
+    room: list[int] = []
+    for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
+        row = next((r for r, left in enumerate(room) if left >= lengths[g]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(g)
+        room[row] -= lengths[g]
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    # A token sees an earlier token of its own group that is in the prefix or in its own reply.
+    group_of = torch.full(shape, -1, dtype=torch.long)
+    reply_of = torch.full(shape, -1, dtype=torch.long)  # -1 prefix, else the reply's number
+    reward_at: dict[int, list[tuple[int, int]]] = {}
+    for r, members in enumerate(rows):
+        at = 0
+        for g in members:
+            prefix = prefixes[g]
+            ids[r, at:at + len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+            positions[r, at:at + len(prefix)] = torch.arange(len(prefix))
+            group_of[r, at:at + len(prefix)] = g
+            at += len(prefix)
+            reward_at[g] = []
+            for k, suffix in enumerate(suffixes[g]):
+                n = len(suffix)
+                ids[r, at:at + n] = torch.tensor(suffix, dtype=torch.long)
+                positions[r, at:at + n] = torch.arange(len(prefix), len(prefix) + n)
+                group_of[r, at:at + n] = g
+                reply_of[r, at:at + n] = k
+                at += n
+                reward_at[g].append((r, at - 1))
+    index = torch.arange(width)
+    causal = index[:, None] >= index[None, :]
+    same_group = (group_of[:, :, None] == group_of[:, None, :]) & (group_of[:, None, :] >= 0)
+    visible = (reply_of[:, None, :] == -1) | (reply_of[:, :, None] == reply_of[:, None, :])
+    # Padding sees itself only: a query that may attend to nothing would give NaN, and NaN
+    # times a zero gradient is still NaN in the weights' gradients.
+    allowed = (causal & same_group & visible) | torch.eye(width, dtype=torch.bool)
+    return Packed(ids, positions, allowed[:, None], [at for g in range(len(lengths)) for at in reward_at[g]])
 
 
 def is_decoder(model) -> bool:
@@ -68,22 +123,13 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, base.base_model_prefix)
-    prefixes, suffixes, sizes = split_groups(input_ids, attention_mask, group_sizes)
+    packed = pack(*split_groups(input_ids, attention_mask, group_sizes), pad_id)
+    mask = packed.attention_mask
+    if body.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        mask = torch.zeros(mask.shape, dtype=body.dtype).masked_fill(~mask, torch.finfo(body.dtype).min)
     device = input_ids.device
-    prefix_ids, prefix_mask = _pad(prefixes, pad_id)
-    prefix_len = prefix_mask.sum(1)
-    cache = body(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                 use_cache=True).past_key_values
-    # One cache row per reply: the group's prefix repeated K times (differentiable index_select).
-    rows = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    cache.reorder_cache(rows.to(device))
-    suffix_ids, suffix_mask = _pad(suffixes, pad_id)
-    # The prefix's right padding sits between prefix and suffix: masked out, and positions count
-    # only real prefix tokens, so each reply sees exactly what it sees in a separate forward.
-    mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
-    positions = prefix_len[rows, None] + torch.arange(suffix_ids.shape[1])[None, :]
-    hidden = body(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
-                  position_ids=positions.to(device), past_key_values=cache,
-                  use_cache=True).last_hidden_state
-    last = hidden[torch.arange(len(suffixes), device=device), suffix_mask.sum(1).to(device) - 1]
+    hidden = body(input_ids=packed.input_ids.to(device), attention_mask=mask.to(device),
+                  position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
+    rows, columns = zip(*packed.reward_at)
+    last = hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
     return base.score(last)[:, 0].float()

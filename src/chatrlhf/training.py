@@ -31,6 +31,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch >= 2.3
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def use_bf16(setting: bool | str) -> bool:
+    """A ``bf16`` setting (true, false or "auto") -> whether to autocast to bf16."""
+    return native_bf16() if setting == "auto" else bool(setting)
+
+
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
     def factor(step: int) -> float:

@@ -79,12 +79,18 @@ def _rank_by_score(scored: list) -> list[Group]:
 
 
 def tokenize_groups(groups: list[Group], tokenizer, max_length: int,
-                    max_reply_tokens: int | None = None) -> int:
-    """Tokenise every reply of every group in place; returns how many replies were cut."""
+                    max_reply_tokens: int | None = None, same_prompt: bool = False) -> int:
+    """Tokenise every reply of every group in place; returns how many replies were cut.
+
+    ``same_prompt``: a group's replies keep the same prompt tokens when it is cut (training and
+    evaluation: the replies are compared on the same context); otherwise each reply is encoded
+    on its own, so its reward does not depend on the group it came with (scoring).
+    """
     template = PairTemplate(tokenizer)
     prompts = [g.prompt for g in groups for _ in g.replies]
     replies = [reply for g in groups for reply in g.replies]
-    encoded = iter(encode_batch(tokenizer, prompts, replies, max_length, max_reply_tokens, template))
+    ids = [i for i, g in enumerate(groups) for _ in g.replies] if same_prompt else None
+    encoded = iter(encode_batch(tokenizer, prompts, replies, max_length, max_reply_tokens, template, ids))
     cut = 0
     for group in groups:
         items = [next(encoded) for _ in group.replies]

@@ -2,9 +2,11 @@
 
 When a sequence is too long the prompt is cut from the left (oldest turns first) because the
 reply is what was judged; the reply keeps up to ``max_reply_tokens`` and is cut from the right
-only beyond that. Special tokens follow the tokenizer's own pair template (``[CLS] p [SEP] r
-[SEP]`` for BERT), so ``tokenizer(prompt_text, reply_text)`` in plain transformers gives the same
-ids whenever nothing was cut.
+only beyond that. Replies of one group (``groups``) keep the same prompt tokens, the fewest any of
+them keeps, so they are compared on the same context (and a decoder can run that prompt once for
+all of them, see sharing.py). Special tokens follow the tokenizer's own pair template
+(``[CLS] p [SEP] r [SEP]`` for BERT), so ``tokenizer(prompt_text, reply_text)`` in plain
+transformers gives the same ids whenever nothing was cut.
 """
 
 from __future__ import annotations
@@ -62,13 +64,15 @@ class PairTemplate:
 
 
 def encode_batch(tokenizer, prompts: list[Prompt], replies: list[str], max_length: int,
-                 max_reply_tokens: int | None = None, template: PairTemplate | None = None
-                 ) -> list[Encoded]:
+                 max_reply_tokens: int | None = None, template: PairTemplate | None = None,
+                 groups: list[int] | None = None) -> list[Encoded]:
     """Tokenise (prompt, reply) pairs; see the module docstring for the truncation rule.
 
     Args:
         max_length: total tokens including special tokens.
         max_reply_tokens: the reply's budget; defaults to 3/4 of what max_length leaves.
+        groups: a group id per item; items of one group keep the same prompt tokens. None:
+            each item keeps as much of its prompt as fits beside its own reply.
     """
     template = template or PairTemplate(tokenizer)
     room = max_length - template.specials
@@ -76,12 +80,18 @@ def encode_batch(tokenizer, prompts: list[Prompt], replies: list[str], max_lengt
         raise ValueError(f"max_length {max_length} leaves no room beside {template.specials} special tokens")
     reply_budget = min(room - 1, max_reply_tokens or room * 3 // 4)
     texts = [render(tokenizer, p, r) for p, r in zip(prompts, replies)]
-    prompt_ids = tokenizer([a for a, _ in texts], add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer([b for _, b in texts], add_special_tokens=False)["input_ids"]
+    # verbose=False: texts longer than the model's limit are expected here, they are cut below.
+    prompt_ids = tokenizer([a for a, _ in texts], add_special_tokens=False, verbose=False)["input_ids"]
+    reply_ids = tokenizer([b for _, b in texts], add_special_tokens=False, verbose=False)["input_ids"]
+    b_keeps = [min(len(b), max(room - len(a), reply_budget)) for a, b in zip(prompt_ids, reply_ids)]
+    a_keeps = [min(len(a), room - b_keep) for a, b_keep in zip(prompt_ids, b_keeps)]
+    if groups is not None:
+        fewest: dict[int, int] = {}
+        for group, a_keep in zip(groups, a_keeps):
+            fewest[group] = min(a_keep, fewest.get(group, a_keep))
+        a_keeps = [fewest[group] for group in groups]
     out = []
-    for a, b in zip(prompt_ids, reply_ids):
-        b_keep = min(len(b), max(room - len(a), reply_budget))
-        a_keep = min(len(a), room - b_keep)
+    for a, b, a_keep, b_keep in zip(prompt_ids, reply_ids, a_keeps, b_keeps):
         cut = a_keep < len(a) or b_keep < len(b)
         ids = template.prefix + a[len(a) - a_keep:] + template.middle + b[:b_keep] + template.suffix
         head = len(template.prefix) + a_keep + len(template.middle)

@@ -133,7 +133,7 @@ def evaluate(model_dir: Path, held_out: list[ScoredSample], max_length: int, res
     """Accuracy and mean Kendall tau on the held-out prompts' human ordering, with intervals."""
     model, tokenizer = models.load_reward_model(str(model_dir))
     groups = to_groups(held_out, "comparisons")
-    tokenize_groups(groups, tokenizer, max_length)
+    tokenize_groups(groups, tokenizer, max_length, same_prompt=True)
     rewards = reward.score_groups(model, groups, tokenizer.pad_token_id)
     ranks = [g.ranks for g in groups]
     result = metrics.summarize(rewards, ranks)

@@ -71,10 +71,12 @@ def load_groups(path: str, config: RewardConfig, tokenizer, limit: int | None = 
         groups = kept
     if not groups:
         raise ValueError(f"{path}: no usable groups for objective '{config.loss.objective}'")
-    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens)
+    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens,
+                          same_prompt=True)
     replies = sum(len(g.replies) for g in groups)
     log(f"{path}: {len(groups)} groups, {replies} replies; {cut} cut to model.max_length="
-        f"{config.model.max_length} (prompt cut from the left, none dropped)")
+        f"{config.model.max_length} (prompt cut from the left, the same for a group's replies; "
+        "none dropped)")
     return groups
 
 
@@ -86,9 +88,13 @@ def setup(config: RewardConfig) -> Run:
     train = config.train
     # cpu=True on a machine without GPU: processes started by `accelerate launch` (torchrun)
     # then join a gloo group instead of each running alone (configs/accelerate/cpu_2proc.yaml).
-    accelerator = Accelerator(mixed_precision="bf16" if train.bf16 else "no", cpu=not has_accelerator(),
+    bf16 = training.use_bf16(train.bf16)
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not has_accelerator(),
                               log_with=train.log_with, project_dir=train.output_dir)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    if train.bf16 == "auto":
+        log(f"train.bf16=auto: bf16 autocast {'on' if bf16 else 'off'} (native bf16 "
+            f"{'found' if bf16 else 'not found'} on {accelerator.device.type})")
     if accelerator.num_processes > 1:
         log(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value} on "
             f"{accelerator.device.type}); each takes its share of every batch")
@@ -100,6 +106,8 @@ def setup(config: RewardConfig) -> Run:
     model_source = str(resume_from) if resume_from else config.model.name
     model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora(),
                                                 dropout=config.model.dropout)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     train_groups = load_groups(config.data.train, config, tokenizer, config.data.limit, log)
     dev_groups = load_groups(config.data.dev, config, tokenizer, log=log) if config.data.dev else []
@@ -320,7 +328,7 @@ def non_finite(what: str, value, step: int, groups: list[Group], run: Run) -> Fl
 
 @torch.inference_mode()
 def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: int = 16384,
-                 progress: bool = False, autocast=None) -> list[list[float]]:
+                 progress: bool = False) -> list[list[float]]:
     """Rewards of every reply of every group, in the groups' order.
 
     Sequences are sorted by length and batched by a token budget, so padding is small and the
@@ -347,17 +355,18 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
                              token_type_ids=[types[(gi, ri)]] if types else None) for gi, ri, ids in items]
         batch = collate(fake_groups, pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with (autocast() if autocast else nullcontext()):
-            rewards = forward_rewards(model, batch).tolist()
+        rewards = forward_rewards(model, batch).tolist()
         for (gi, ri, _), reward in zip(items, rewards):
             out[gi][ri] = reward
     return out
 
 
 def evaluate(run: Run) -> dict:
+    """Dev metrics in float32, also after bf16 training: the saved weights are float32, and
+    that is how ``reward eval``, the server and other tools score with them."""
     model = run.accelerator.unwrap_model(run.model)
     rewards = score_groups(model, run.dev_groups, run.tokenizer.pad_token_id,
-                           run.config.train.eval_batch_tokens, autocast=run.accelerator.autocast)
+                           run.config.train.eval_batch_tokens)
     result = metrics.summarize(rewards, [g.ranks for g in run.dev_groups])
     flat = [r for group in rewards for r in group]
     result["reward_mean"] = statistics.fmean(flat)
@@ -472,7 +481,10 @@ def score_command(args) -> int:
 def eval_command(args) -> int:
     model, tokenizer, info, config, records = load_for_scoring(args.model, args.file, args)
     groups = to_groups(records, "comparisons")
-    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens)
+    # Cut as in training (the replies of a group on the same prompt tokens): the accuracy
+    # equals the dev accuracy the training run reported.
+    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens,
+                          same_prompt=True)
     rewards = score_groups(model, groups, tokenizer.pad_token_id, args.batch_tokens, progress=True)
     result = metrics.summarize(rewards, [g.ranks for g in groups])
     result["cut_replies"] = cut
