@@ -4,16 +4,17 @@
     python bench/reward_throughput.py --case all
 
 Both train the same backbone, max length, batch size and threads, one epoch over the same data:
-a seeded random sample of the file, as many groups as ``--steps`` + 1 batches of chatrlhf (its
-batches are groups, TRL's are pairs; the first step of each is a warm-up and not timed). TRL is
+a seeded random sample of the file, as many groups as ``--steps`` batches of chatrlhf (its
+batches are groups, TRL's are pairs). Each side first runs one untimed forward and backward on
+the same batch (warm-up), then every step of the epoch is timed. TRL is
 fed ids already cut the way chatrlhf cuts them (prompt from the left, alike for a group's
 replies), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded, as its users
 must do. Printed per case: pairs/s, real tokens/s, peak memory, model-FLOPs utilisation against
 a matmul peak measured here in the side's precision (6 x non-embedding parameters x real tokens
 of the K sequences: with prompt sharing chatrlhf computes the shared prompt once, so its figure
-can exceed what the hardware ran), and the ratio. ``--precision default`` runs each tool as it
-ships: TRL in float32, chatrlhf with ``train.bf16=auto`` (bf16 autocast where the CPU has it
-natively). Each
+can exceed what the hardware ran), and the ratio. ``--precision auto`` runs TRL as it ships, in
+float32, and chatrlhf with ``train.bf16=auto`` as the main job's preset does (bf16 autocast where
+the CPU computes it natively). Each
 side runs in its own child process, so its peak resident memory is its own. Scoring is compared
 too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
 user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
@@ -39,7 +40,7 @@ from chatrlhf import config as cfg_lib
 from chatrlhf import models, training
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import load, save
-from chatrlhf.data.batching import to_groups, tokenize_groups
+from chatrlhf.data.batching import collate, to_groups, tokenize_groups
 from chatrlhf.recipes import reward
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -79,17 +80,23 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
         "data": {"train": str(data_file), "allow_empty": True},
         "train": {"output_dir": str(workdir / "chatrlhf"), "epochs": 1,
                   "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0,
-                  "bf16": {"fp32": False, "bf16": True, "default": "auto"}[args.precision],
+                  "bf16": {"fp32": False, "bf16": True, "auto": "auto"}[args.precision],
                   "share_prompt": not args.no_share,
                   "gradient_checkpointing": args.checkpointing == "on"},
     })
     run = reward.setup(config)
     reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
+    warm_up = collate(run.train_groups[:args.batch], run.tokenizer.pad_token_id)
+    with run.accelerator.autocast():
+        rewards = reward.forward_rewards(run.model, warm_up, config.train.share_prompt,
+                                         run.tokenizer.pad_token_id, config.train.rows_per_forward)
+    rewards.sum().backward()
+    run.model.zero_grad(set_to_none=True)
     reward.fit(run)
     lines = (workdir / "chatrlhf" / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line) for line in lines][1:]  # the first step is a warm-up
+    steps = [json.loads(line) for line in lines]
     dtype = "bf16" if training.use_bf16(config.train.bf16) else "fp32"
-    return summarize(steps, non_embedding_parameters(run.model), dtype)
+    return {**summarize(steps, non_embedding_parameters(run.model), dtype), "groups": len(run.train_groups)}
 
 
 def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
@@ -129,8 +136,13 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
         return batch
 
     trainer.data_collator = counting_collator
+    warm_up = collator(rows[:args.batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        rewards = trainer.model(input_ids=warm_up["input_ids"], attention_mask=warm_up["attention_mask"]).logits
+    rewards.sum().backward()
+    trainer.model.zero_grad(set_to_none=True)
     trainer.train()
-    steps = [{"seconds": s, "tokens": t, "pairs": p} for s, (t, p) in zip(times, batches)][1:]
+    steps = [{"seconds": s, "tokens": t, "pairs": p} for s, (t, p) in zip(times, batches)]
     return summarize(steps, non_embedding_parameters(model), "bf16" if args.precision == "bf16" else "fp32")
 
 
@@ -178,7 +190,7 @@ def side(args) -> dict:
     backbone, data_file = CASES[args.case]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        count = args.score_groups if args.side == "scoring" else (args.steps + 1) * args.batch
+        count = args.score_groups if args.side == "scoring" else args.steps * args.batch
         records, groups = load_groups(backbone, data_file, args.max_length, count)
         if args.side == "chatrlhf":
             save(records, workdir / "data.jsonl")  # the same records, in the project's format
@@ -201,14 +213,14 @@ def in_child(args, which: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=[*CASES, "all"], default="hh-minilm")
-    parser.add_argument("--steps", type=int, default=30, help="chatrlhf's timed steps: (steps + 1) x batch groups are "
-                        "sampled and trained one epoch; each side's first step is an untimed warm-up")
+    parser.add_argument("--steps", type=int, default=30, help="chatrlhf's steps: steps x batch groups are sampled and "
+                        "trained one epoch by each side")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "default"], default="fp32",
-                        help="fp32 or bf16 autocast on both sides, or each side's default "
-                             "(TRL: fp32; chatrlhf: bf16 where the CPU computes it natively)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="fp32 or bf16 autocast on both sides; auto: TRL in fp32 (its default), "
+                             "chatrlhf with train.bf16=auto (bf16 where the CPU computes it natively)")
     parser.add_argument("--no-share", action="store_true", help="chatrlhf without prompt sharing (decoders)")
     parser.add_argument("--checkpointing", choices=["default", "on", "off"], default="default",
                         help="gradient checkpointing on both sides, off on both, or each side's default "
@@ -231,7 +243,7 @@ def main() -> int:
             print(f"{case}: skipped, {CASES[case][1]} is absent")
             continue
         ours, theirs = in_child(args, "chatrlhf"), in_child(args, "trl")
-        print(f"\n{case}: {(args.steps + 1) * args.batch} groups sampled, batch {args.batch}, max length "
+        print(f"\n{case}: {ours['groups']} groups sampled, batch {args.batch}, max length "
               f"{args.max_length}, gradient checkpointing: {args.checkpointing}")
         print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
         for name, result in (("TRL", theirs), ("chatrlhf", ours)):

@@ -174,3 +174,13 @@ def test_bf16_setting(tmp_path, tiny_bert, capsys, monkeypatch):
     assert log(out)[0]["loss"] > 0
     assert main(["reward", "train", "train.bf16=sometimes"]) == 2
     assert "train.bf16: expected true, false or auto, found 'sometimes'" in capsys.readouterr().err
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_log_and_checkpoints(tmp_path, tiny_bert, capsys):
+    rows = separable_pairs(16, seed=2)
+    train(tmp_path, tiny_bert, rows, "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=5")
+    out = train(tmp_path, tiny_bert, rows, "train.max_steps=2")
+    assert "starting afresh (train.resume=false); removing the earlier run's metrics.jsonl, checkpoints" \
+        in capsys.readouterr().out
+    assert [entry["step"] for entry in log(out)] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]

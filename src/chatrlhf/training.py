@@ -104,9 +104,26 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+# What a run appends to in its output folder, beside checkpoints/.
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
+
+
 def resume_path(resume: bool | str, output_dir: str | Path, log=print) -> Path | None:
-    """What ``train.resume`` points at: a given checkpoint, the latest one, or None."""
+    """What ``train.resume`` points at: a given checkpoint, the latest one, or None.
+
+    A run that does not resume starts afresh: the logs and checkpoints an earlier run left in
+    ``output_dir`` are removed, and said so (appending would mix two runs in one log, and a
+    later ``train.resume=true`` could pick up the earlier run's checkpoint)."""
     if not resume:
+        output_dir = Path(output_dir)
+        earlier = [output_dir / name for name in RUN_LOGS if (output_dir / name).exists()]
+        if (output_dir / CHECKPOINTS).exists():
+            earlier.append(output_dir / CHECKPOINTS)
+        if earlier:
+            log(f"{output_dir}: starting afresh (train.resume=false); removing the earlier run's "
+                f"{', '.join(p.name for p in earlier)}")
+        for path in earlier:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return None
     if isinstance(resume, str):
         return Path(resume)

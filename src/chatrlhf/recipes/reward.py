@@ -31,6 +31,7 @@ from chatrlhf.config import RewardConfig
 from chatrlhf.data import load
 from chatrlhf.data.batching import Group, bucketed_batches, collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, ScoredSample, kind_of
+from chatrlhf.first_token import first_token_only
 
 from chatrlhf.training import CHECKPOINTS
 
@@ -177,19 +178,21 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
     with ``rows_per_forward`` > 0, the sequences are sorted by length and run in chunks of that
     many rows, each cut to its own longest sequence: a pair's two replies often differ a lot in
     length, and padding both to the longest of the batch wastes a fifth of the compute on HH.
+    BERT-like encoders compute their last layer for the [CLS] token only (first_token.py).
     """
     if share_prompt and sharing.is_decoder(model) and max(batch["group_sizes"]) > 1:
         return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
                                              batch["group_sizes"], pad_id)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-    if not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
-        return model(**{k: batch[k] for k in names}).logits[:, 0].float()
-    lengths = batch["attention_mask"].sum(1)
-    order = lengths.argsort(stable=True)
-    pieces = []
-    for rows in order.split(rows_per_forward):
-        width = int(lengths[rows].max())
-        pieces.append(model(**{k: batch[k][rows, :width] for k in names}).logits[:, 0].float())
+    with first_token_only(model):
+        if not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
+            return model(**{k: batch[k] for k in names}).logits[:, 0].float()
+        lengths = batch["attention_mask"].sum(1)
+        order = lengths.argsort(stable=True)
+        pieces = []
+        for rows in order.split(rows_per_forward):
+            width = int(lengths[rows].max())
+            pieces.append(model(**{k: batch[k][rows, :width] for k in names}).logits[:, 0].float())
     return torch.cat(pieces)[order.argsort()]
 
 
