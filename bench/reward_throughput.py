@@ -87,6 +87,7 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     run = reward.setup(config)
     reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
     warm_up = collate(run.train_groups[:args.batch], run.tokenizer.pad_token_id)
+    run.model.train()  # as in training: gradient checkpointing acts in training mode only
     with run.accelerator.autocast():
         rewards = reward.forward_rewards(run.model, warm_up, config.train.share_prompt,
                                          run.tokenizer.pad_token_id, config.train.rows_per_forward)
@@ -137,6 +138,9 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
 
     trainer.data_collator = counting_collator
     warm_up = collator(rows[:args.batch])
+    trainer.model.train()
+    if training_args.gradient_checkpointing:  # the Trainer turns it on in train(); so must the warm-up
+        trainer.model.gradient_checkpointing_enable(training_args.gradient_checkpointing_kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         rewards = trainer.model(input_ids=warm_up["input_ids"], attention_mask=warm_up["attention_mask"]).logits
     rewards.sum().backward()

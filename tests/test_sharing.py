@@ -73,17 +73,11 @@ def test_encoders_are_not_shared(tiny_bert):
 
 
 def test_training_with_and_without_sharing_gives_the_same_run(tmp_path, tiny_llama):
-    from test_reward_recipe import log, train
+    from test_reward_recipe import assert_same_run
 
     from conftest import separable_pairs
 
-    rows = separable_pairs(24, seed=7, chat=True)
-    shared = log(train(tmp_path, tiny_llama, rows, "train.max_steps=3", name="shared"))
-    separate = log(train(tmp_path, tiny_llama, rows, "train.max_steps=3", "train.share_prompt=false",
-                         name="separate"))
-    for a, b in zip(shared, separate):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert_same_run(tmp_path, tiny_llama, separable_pairs(24, seed=7, chat=True), "train.share_prompt=false")
 
 
 def test_prompts_cut_to_fit_stay_shared(tiny_llama):
