@@ -7,6 +7,7 @@ A preset is a serialised config: ``{"model": {...}, "train": {...}}``. Overrides
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -132,6 +133,31 @@ def split_preset(preset: str | None, overrides: list[str]) -> tuple[str | None, 
     if preset and "=" in preset and not preset.endswith((".yaml", ".yml")):
         return None, [preset, *overrides]
     return preset, list(overrides)
+
+
+def add_preset_command(subparsers, name: str, config_class, run, help: str, description: str,
+                       example: str, more_overrides=None) -> argparse.ArgumentParser:
+    """The subcommand ``chatrlhf NAME [PRESET] [section.key=value ...]`` of a recipe.
+
+    Its settings come from the optional YAML preset, then the overrides (and
+    ``more_overrides(args)``, for options such as ``--reward-url``); then ``run(config, args)``.
+    Returns the parser, for the recipe's own options.
+    """
+    parser = subparsers.add_parser(
+        name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{description} Settings come from an optional YAML preset, then overrides: "
+                    "section.key=value or --section.key value.",
+        epilog="settings:\n" + describe(config_class))
+    parser.add_argument("preset", nargs="?", help=f"YAML preset (e.g. {example})")
+
+    def command(args) -> int:
+        preset, overrides = split_preset(args.preset, args.overrides)
+        overrides += more_overrides(args) if more_overrides else []
+        run(load(config_class, preset, overrides), args)
+        return 0
+
+    parser.set_defaults(run=command, overrides=[])
+    return parser
 
 
 def describe(cls, prefix: str = "") -> str:

@@ -104,6 +104,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, step: int, output_dir) -> float:
+    """Clip the gradients (``max_grad_norm`` > 0), stop on a non-finite norm before it reaches
+    the weights, step the optimizer and the schedule, clear the gradients. Returns the norm
+    before clipping (nan without clipping)."""
+    grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+                 if max_grad_norm else float("nan"))
+    if max_grad_norm and not math.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm at step {step}; "
+                                 f"the last good checkpoint is in {output_dir}/{CHECKPOINTS}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # What a run appends to in its output folder, beside checkpoints/.
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
 

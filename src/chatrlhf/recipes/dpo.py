@@ -18,7 +18,6 @@ Steps: setup -> fit -> evaluate -> save, in plain sight below.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -329,14 +328,8 @@ def fit(run: Run) -> dict:
                     sign = 1 if item.group.ranks[0] < item.group.ranks[1] else -1
                     step_margin += sign * (rewards[start] - rewards[start + 1]) / len(items) / train.grad_accum
                 start += size
-        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm))
-                     if train.max_grad_norm else float("nan"))
-        if train.max_grad_norm and not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}; "
-                                     f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        grad_norm = training.optimizer_step(model, run.optimizer, run.scheduler, train.max_grad_norm, step,
+                                            train.output_dir)
 
         recent_loss = (recent_loss + [step_loss])[-20:]
         seconds = time.perf_counter() - started
@@ -435,20 +428,11 @@ def train(config: DPOConfig, report: str | None = None) -> dict:
 
 # ---- command line ---------------------------------------------------------------------------
 
-def train_command(args) -> int:
-    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
-    train(cfg_lib.load(DPOConfig, preset, overrides), report=args.report)
-    return 0
-
-
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "dpo", help="DPO / cDPO / IPO / Plackett-Luce fine-tuning of a causal LM from comparisons",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Direct preference optimisation from pairs or rankings. Settings come from an optional "
-                    "YAML preset, then overrides: section.key=value or --section.key value.",
-        epilog="settings:\n" + cfg_lib.describe(DPOConfig))
-    parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/dpo_hh_smollm2.yaml)")
+    parser = cfg_lib.add_preset_command(
+        subparsers, "dpo", DPOConfig, lambda config, args: train(config, report=args.report),
+        help="DPO / cDPO / IPO / Plackett-Luce fine-tuning of a causal LM from comparisons",
+        description="Direct preference optimisation from pairs or rankings.",
+        example="configs/dpo_hh_smollm2.yaml")
     parser.add_argument("--report", metavar="DIR", help="after training, write the reward-model report "
                         "(report.html, report.json, PNG plots) of the dev implicit rewards into DIR")
-    parser.set_defaults(run=train_command, overrides=[])

@@ -20,7 +20,6 @@ cached on disk) -> evaluate (agreement with human labels when the input has them
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -477,19 +476,10 @@ def format_summary(s: dict, files: dict) -> str:
     return "\n".join(lines)
 
 
-def label_command(args) -> int:
-    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
-    label(cfg_lib.load(LabelConfig, preset, overrides))
-    return 0
-
-
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "label", help="comparisons, rankings or 0-5 scores from an LLM judge",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Label replies with an LLM judge (local model or OpenAI-compatible endpoint). "
-        "Settings: an optional YAML preset, then section.key=value overrides.",
-        epilog="settings:\n" + cfg_lib.describe(LabelConfig))
-    parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/label_pandalm_smollm2.yaml)")
-    parser.set_defaults(run=label_command, overrides=[])
+    cfg_lib.add_preset_command(
+        subparsers, "label", LabelConfig, lambda config, args: label(config),
+        help="comparisons, rankings or 0-5 scores from an LLM judge",
+        description="Label replies with an LLM judge (local model or OpenAI-compatible endpoint).",
+        example="configs/label_pandalm_smollm2.yaml")
 

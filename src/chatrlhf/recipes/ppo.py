@@ -27,7 +27,6 @@ held-out KL is the mean summed k1 estimate on the held-out replies.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -643,20 +642,12 @@ def train(config: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
     return result
 
 
-def train_command(args) -> int:
-    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
-    if args.reward_url:
-        overrides += [f"reward.url={args.reward_url}", "reward.model="]  # the URL replaces a preset's model
-    train(cfg_lib.load(PPOConfig, preset, overrides))
-    return 0
-
-
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "ppo", help="PPO of a policy against a reward model", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="RLHF with PPO. Settings come from an optional YAML preset, then overrides: "
-                    "section.key=value or --section.key value.",
-        epilog="settings:\n" + cfg_lib.describe(PPOConfig))
-    p.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/ppo_hh_smollm2.yaml)")
-    p.add_argument("--reward-url", help="score with a `chatrlhf serve` server (same as reward.url=URL)")
-    p.set_defaults(run=train_command, overrides=[])
+    def reward_url(args) -> list[str]:  # the URL replaces a preset's reward model
+        return [f"reward.url={args.reward_url}", "reward.model="] if args.reward_url else []
+
+    parser = cfg_lib.add_preset_command(
+        subparsers, "ppo", PPOConfig, lambda config, args: train(config),
+        help="PPO of a policy against a reward model", description="RLHF with PPO.",
+        example="configs/ppo_hh_smollm2.yaml", more_overrides=reward_url)
+    parser.add_argument("--reward-url", help="score with a `chatrlhf serve` server (same as reward.url=URL)")

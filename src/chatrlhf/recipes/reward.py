@@ -12,7 +12,6 @@ setup -> fit -> evaluate -> save, in plain sight below. The same command runs un
 
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 import json
 import math
@@ -502,24 +501,14 @@ def eval_command(args) -> int:
     return 0
 
 
-def train_command(args) -> int:
-    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
-    config = cfg_lib.load(RewardConfig, preset, overrides)
-    train(config)
-    return 0
-
-
 def add_parser(subparsers) -> None:
     reward = subparsers.add_parser("reward", help="train, score and evaluate reward models")
     commands = reward.add_subparsers(dest="reward_command", required=True)
 
-    train_parser = commands.add_parser(
-        "train", help="train a reward model", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a reward model from comparisons (or scores). Settings come from an "
-                    "optional YAML preset, then overrides: section.key=value or --section.key value.",
-        epilog="settings:\n" + cfg_lib.describe(RewardConfig))
-    train_parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/reward_hh_minilm.yaml)")
-    train_parser.set_defaults(run=train_command, overrides=[])
+    cfg_lib.add_preset_command(
+        commands, "train", RewardConfig, lambda config, args: train(config), help="train a reward model",
+        description="Train a reward model from comparisons (or scores).",
+        example="configs/reward_hh_minilm.yaml")
 
     for name, function, text in (("score", score_command, "write the rewards of a file as JSONL"),
                                  ("eval", eval_command, "accuracy (and ranking metrics) on a file")):

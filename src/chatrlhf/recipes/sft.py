@@ -18,7 +18,6 @@ save, in plain sight below.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import json
@@ -364,14 +363,8 @@ def fit(run: Run) -> dict:
             (loss / train.grad_accum).backward()
             step_nll, step_tokens = step_nll + nll.item(), step_tokens + count
             step_rows += len(rows)
-        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm))
-                     if train.max_grad_norm else float("nan"))
-        if train.max_grad_norm and not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}; "
-                                     f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        grad_norm = training.optimizer_step(model, run.optimizer, run.scheduler, train.max_grad_norm, step,
+                                            train.output_dir)
 
         step_loss = step_nll / max(step_tokens, 1)
         recent = (recent + [step_loss])[-20:]
@@ -442,19 +435,9 @@ def train(config: SFTConfig) -> dict:
 
 # ---- command line ---------------------------------------------------------------------------
 
-def train_command(args) -> int:
-    preset, overrides = cfg_lib.split_preset(args.preset, args.overrides)
-    train(cfg_lib.load(SFTConfig, preset, overrides))
-    return 0
-
-
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sft", help="supervised fine-tuning of a causal LM (loss on the reply tokens only)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Supervised fine-tuning on prompt/response, chat or preference data (chosen replies). "
-                    "Settings come from an optional YAML preset, then overrides: section.key=value or "
-                    "--section.key value.",
-        epilog="settings:\n" + cfg_lib.describe(SFTConfig))
-    parser.add_argument("preset", nargs="?", help="YAML preset (e.g. configs/sft_hh_smollm2.yaml)")
-    parser.set_defaults(run=train_command, overrides=[])
+    cfg_lib.add_preset_command(
+        subparsers, "sft", SFTConfig, lambda config, args: train(config),
+        help="supervised fine-tuning of a causal LM (loss on the reply tokens only)",
+        description="Supervised fine-tuning on prompt/response, chat or preference data (chosen replies).",
+        example="configs/sft_hh_smollm2.yaml")
