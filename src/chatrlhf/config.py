@@ -253,9 +253,6 @@ class TrainConfig:
                               "bf16 natively: CPUs with AVX512-BF16 or AMX, recent GPUs); weights stay float32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
                                           "about a third more compute")
-    compile: bool = option(False, "torch.compile the model's body for training (fuses the work around the "
-                           "matmuls; same losses up to rounding; costs a one-off compile, about a minute "
-                           "for MiniLM on 2 CPU cores); dev evaluation stays eager")
     log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
     eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
     share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "

@@ -14,7 +14,6 @@ token only (BERT, RoBERTa, XLM-R, ELECTRA); other models run unchanged.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +72,7 @@ def first_token_only(model):
     if layer is None:
         yield
         return
-    # One function per layer, made once: a compiled model (train.compile) sees the same
-    # forward at every call instead of a new one that would make it compile again.
-    if not hasattr(layer, "_first_token_forward"):
-        layer._first_token_forward = partial(_first_token_forward, layer)
-    layer.forward = layer._first_token_forward
+    layer.forward = lambda *args, **kwargs: _first_token_forward(layer, *args, **kwargs)
     try:
         yield
     finally:

@@ -45,25 +45,6 @@ def use_bf16(setting: bool | str) -> bool:
     return native_bf16() if setting == "auto" else bool(setting)
 
 
-def compile_body(model) -> None:
-    """torch.compile each transformer layer of a (peft-wrapped) sequence classifier in place.
-
-    Layers, not the whole model: the layers of a model share one compiled code (their weights
-    are inputs to it), so compiling costs about one layer's worth whatever the depth, and the
-    fused work around the matmuls is inside them. Both reward forwards (through the classifier,
-    and the shared-prompt one through the body) go through the layers; parameters and state
-    dict are those of the model, so saving is unchanged. Shapes are dynamic: batches of other
-    lengths reuse the compiled code.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, base.base_model_prefix)
-    stacks = [m for m in body.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not stacks:
-        raise ValueError(f"train.compile: no list of layers found in {type(body).__name__}")
-    for layer in max(stacks, key=len):
-        layer.compile(dynamic=True)
-
-
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
     def factor(step: int) -> float:

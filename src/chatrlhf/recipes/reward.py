@@ -108,8 +108,6 @@ def setup(config: RewardConfig) -> Run:
                                                 dropout=config.model.dropout)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if train.compile:
-        training.compile_body(model)
 
     train_groups = load_groups(config.data.train, config, tokenizer, config.data.limit, log)
     dev_groups = load_groups(config.data.dev, config, tokenizer, log=log) if config.data.dev else []
@@ -369,11 +367,8 @@ def evaluate(run: Run) -> dict:
     """Dev metrics in float32, also after bf16 training: the saved weights are float32, and
     that is how ``reward eval``, the server and other tools score with them."""
     model = run.accelerator.unwrap_model(run.model)
-    # Eager even when training compiled (train.compile): an inference graph would be a second
-    # compile for a few hundred forwards.
-    with torch.compiler.set_stance("force_eager"):
-        rewards = score_groups(model, run.dev_groups, run.tokenizer.pad_token_id,
-                               run.config.train.eval_batch_tokens)
+    rewards = score_groups(model, run.dev_groups, run.tokenizer.pad_token_id,
+                           run.config.train.eval_batch_tokens)
     result = metrics.summarize(rewards, [g.ranks for g in run.dev_groups])
     flat = [r for group in rewards for r in group]
     result["reward_mean"] = statistics.fmean(flat)
