@@ -334,9 +334,12 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
     """Rewards of every reply of every group, in the groups' order.
 
     Sequences are sorted by length and batched by a token budget, so padding is small and the
-    batch size adapts to the lengths.
+    batch size adapts to the lengths. Decoders run each group's shared prompt once
+    (sharing.py), rewards equal to separate forwards up to rounding.
     """
     model.eval()
+    if sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups):
+        return _score_shared(model, groups, pad_token_id, batch_tokens, progress)
     flat = [(gi, ri, ids) for gi, g in enumerate(groups) for ri, ids in enumerate(g.input_ids)]
     types = {(gi, ri): t for gi, g in enumerate(groups) for ri, t in enumerate(g.token_type_ids or [])}
     order = sorted(range(len(flat)), key=lambda i: len(flat[i][2]))
@@ -360,6 +363,30 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
         rewards = forward_rewards(model, batch).tolist()
         for (gi, ri, _), reward in zip(items, rewards):
             out[gi][ri] = reward
+    return out
+
+
+def _score_shared(model, groups: list[Group], pad_token_id: int, batch_tokens: int,
+                  progress: bool) -> list[list[float]]:
+    """score_groups for decoders: whole groups sorted by their tokens and batched by the budget
+    (a group over it alone), each group's prompt run once."""
+    order = sorted(range(len(groups)), key=lambda g: groups[g].num_tokens)
+    batches, current, tokens = [], [], 0
+    for g in order:
+        if current and tokens + groups[g].num_tokens > batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(g)
+        tokens += groups[g].num_tokens
+    batches += [current] if current else []
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in groups]
+    for batch_indices in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
+        batch = collate([groups[g] for g in batch_indices], pad_token_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        rewards = forward_rewards(model, batch, share_prompt=True, pad_id=pad_token_id).tolist()
+        for g, group_rewards in zip(batch_indices, split_rewards(rewards, batch["group_sizes"])):
+            out[g] = group_rewards
     return out
 
 
