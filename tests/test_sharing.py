@@ -59,12 +59,16 @@ def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention):
     model.train()
     separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     separate_grads = torch.autograd.grad(separate.square().sum(), [p for p in model.parameters() if p.requires_grad])
-    shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
-                                   tokenizer.pad_token_id)
-    shared_grads = torch.autograd.grad(shared.square().sum(), [p for p in model.parameters() if p.requires_grad])
-    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
-    for a, b in zip(shared_grads, separate_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # All groups in one packed forward, then sorted by length in chunks of at least 2 sequences
+    # (here 2, 2 and 3 replies: three forwards, the rewards put back in the batch's order).
+    for rows_per_forward in (0, 2):
+        shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
+                                       tokenizer.pad_token_id, rows_per_forward)
+        shared_grads = torch.autograd.grad(shared.square().sum(),
+                                           [p for p in model.parameters() if p.requires_grad])
+        torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
+        for a, b in zip(shared_grads, separate_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_encoders_are_not_shared(tiny_bert):

@@ -115,19 +115,42 @@ def is_decoder(model) -> bool:
 
 
 def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          group_sizes: list[int], pad_id: int = 0) -> torch.Tensor:
+                          group_sizes: list[int], pad_id: int = 0, rows_per_forward: int = 0) -> torch.Tensor:
     """(sum K,) rewards of a right-padded batch of groups, each group's prompt run once.
 
     input_ids, attention_mask: (sum K, T) as collated for training. The result equals
-    ``model(input_ids, attention_mask).logits[:, 0]`` up to rounding.
+    ``model(input_ids, attention_mask).logits[:, 0]`` up to rounding. ``rows_per_forward`` > 0
+    sorts the groups by packed length and runs them in chunks of about that many of the
+    batch's sequences (8: four pairs), each chunk packed only as wide as its own longest group:
+    attention costs the square of a row's width, so rows of similar groups cost less than wide
+    rows shared by several short groups (smollm2 on HH: 15.6 s a step of 16 pairs, against
+    17.7-19.8 s with all groups in one packed forward).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, base.base_model_prefix)
-    packed = pack(*split_groups(input_ids, attention_mask, group_sizes), pad_id)
+    prefixes, suffixes = split_groups(input_ids, attention_mask, group_sizes)
+    lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+    chunks, current = [], []
+    for g in order:
+        current.append(g)
+        if rows_per_forward and sum(group_sizes[c] for c in current) >= rows_per_forward:
+            chunks.append(current)
+            current = []
+    chunks += [current] if current else []
+    pieces, positions = [], []
+    for chunk in chunks:
+        packed = pack([prefixes[g] for g in chunk], [suffixes[g] for g in chunk], pad_id)
+        pieces.append(_packed_rewards(base, body, packed, input_ids.device))
+        positions += [starts[g] + k for g in chunk for k in range(group_sizes[g])]
+    return torch.cat(pieces)[torch.tensor(positions).argsort().to(input_ids.device)]
+
+
+def _packed_rewards(base, body, packed: Packed, device) -> torch.Tensor:
     mask = packed.attention_mask
     if body.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
         mask = torch.zeros(mask.shape, dtype=body.dtype).masked_fill(~mask, torch.finfo(body.dtype).min)
-    device = input_ids.device
     hidden = body(input_ids=packed.input_ids.to(device), attention_mask=mask.to(device),
                   position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
     rows, columns = zip(*packed.reward_at)

@@ -181,7 +181,7 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
     """
     if share_prompt and sharing.is_decoder(model) and max(batch["group_sizes"]) > 1:
         return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
-                                             batch["group_sizes"], pad_id)
+                                             batch["group_sizes"], pad_id, rows_per_forward)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
     with first_token_only(model):
         if not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
