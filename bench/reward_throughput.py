@@ -240,9 +240,9 @@ def main() -> int:
         sys.argv += ["--case", args.case]
     cases = list(CASES) if args.case == "all" else [args.case]
     # Only the precisions the sides run in: where the CPU emulates bf16 its peak alone takes minutes.
-    dtypes = {"fp32": ["fp32"], "bf16": ["bf16"], "auto": ["fp32"] + ["bf16"] * training.native_bf16()}
-    peaks = {name: matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[name])
-             for name in dtypes[args.precision]}
+    names = {"fp32": ["fp32"], "bf16": ["bf16"], "auto": ["fp32", "bf16"] if training.native_bf16() else ["fp32"]}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: matmul_peak(dtypes[name]) for name in names[args.precision]}
     print(f"matmul peak ({args.threads} threads): "
           + ", ".join(f"{name} {peak:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
     for case in cases:

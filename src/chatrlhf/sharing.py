@@ -21,6 +21,7 @@ are scored with ordinary batched forwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -131,13 +132,14 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     prefixes, suffixes = split_groups(input_ids, attention_mask, group_sizes)
     lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
-    chunks, current = [], []
+    starts = list(accumulate(group_sizes, initial=0))
+    chunks, current, replies = [], [], 0
     for g in order:
         current.append(g)
-        if rows_per_forward and sum(group_sizes[c] for c in current) >= rows_per_forward:
+        replies += group_sizes[g]
+        if rows_per_forward and replies >= rows_per_forward:
             chunks.append(current)
-            current = []
+            current, replies = [], 0
     chunks += [current] if current else []
     pieces, positions = [], []
     for chunk in chunks:

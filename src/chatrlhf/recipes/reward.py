@@ -333,60 +333,38 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
                  progress: bool = False) -> list[list[float]]:
     """Rewards of every reply of every group, in the groups' order.
 
-    Sequences are sorted by length and batched by a token budget, so padding is small and the
-    batch size adapts to the lengths. Decoders run each group's shared prompt once
-    (sharing.py), rewards equal to separate forwards up to rounding.
+    Each reply is scored on its own, except with decoders, which score whole groups, each
+    group's shared prompt run once (sharing.py; rewards equal to separate forwards up to
+    rounding). The units are sorted by length and batched so that the longest times their
+    number stays within ``batch_tokens`` (a longer unit alone): padding is small and the batch
+    size adapts to the lengths.
     """
     model.eval()
-    if sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups):
-        return _score_shared(model, groups, pad_token_id, batch_tokens, progress)
-    flat = [(gi, ri, ids) for gi, g in enumerate(groups) for ri, ids in enumerate(g.input_ids)]
-    types = {(gi, ri): t for gi, g in enumerate(groups) for ri, t in enumerate(g.token_type_ids or [])}
-    order = sorted(range(len(flat)), key=lambda i: len(flat[i][2]))
-    out = [[0.0] * len(g.replies) for g in groups]
-    device = next(model.parameters()).device
+    share = sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups)
+    if share:  # (unit, the (group, reply) places of its rewards)
+        units = [(g, [(gi, ri) for ri in range(len(g.replies))]) for gi, g in enumerate(groups)]
+    else:
+        units = [(Group(None, [""], [0], input_ids=[ids],
+                        token_type_ids=[g.token_type_ids[ri]] if g.token_type_ids else None), [(gi, ri)])
+                 for gi, g in enumerate(groups) for ri, ids in enumerate(g.input_ids)]
+    units.sort(key=lambda unit: unit[0].num_tokens)
     batches, current = [], []
-    for i in order:
-        width = len(flat[i][2])
-        if current and width * (len(current) + 1) > batch_tokens:
+    for unit in units:
+        if current and unit[0].num_tokens * (len(current) + 1) > batch_tokens:
             batches.append(current)
             current = []
-        current.append(i)
+        current.append(unit)
     if current:
         batches.append(current)
-    for batch_indices in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
-        items = [flat[i] for i in batch_indices]
-        fake_groups = [Group(None, [""], [0], input_ids=[ids],
-                             token_type_ids=[types[(gi, ri)]] if types else None) for gi, ri, ids in items]
-        batch = collate(fake_groups, pad_token_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        rewards = forward_rewards(model, batch).tolist()
-        for (gi, ri, _), reward in zip(items, rewards):
-            out[gi][ri] = reward
-    return out
-
-
-def _score_shared(model, groups: list[Group], pad_token_id: int, batch_tokens: int,
-                  progress: bool) -> list[list[float]]:
-    """score_groups for decoders: whole groups sorted by their tokens and batched by the budget
-    (a group over it alone), each group's prompt run once."""
-    order = sorted(range(len(groups)), key=lambda g: groups[g].num_tokens)
-    batches, current, tokens = [], [], 0
-    for g in order:
-        if current and tokens + groups[g].num_tokens > batch_tokens:
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(g)
-        tokens += groups[g].num_tokens
-    batches += [current] if current else []
+    out = [[0.0] * len(g.replies) for g in groups]
     device = next(model.parameters()).device
-    out: list[list[float]] = [[] for _ in groups]
-    for batch_indices in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
-        batch = collate([groups[g] for g in batch_indices], pad_token_id)
+    for batch_units in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
+        batch = collate([unit for unit, _ in batch_units], pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        rewards = forward_rewards(model, batch, share_prompt=True, pad_id=pad_token_id).tolist()
-        for g, group_rewards in zip(batch_indices, split_rewards(rewards, batch["group_sizes"])):
-            out[g] = group_rewards
+        rewards = forward_rewards(model, batch, share, pad_token_id).tolist()
+        places = [place for _, unit_places in batch_units for place in unit_places]
+        for (gi, ri), reward in zip(places, rewards):
+            out[gi][ri] = reward
     return out
 
 
