@@ -330,14 +330,15 @@ def non_finite(what: str, value, step: int, groups: list[Group], run: Run) -> Fl
 
 @torch.inference_mode()
 def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: int = 16384,
-                 progress: bool = False) -> list[list[float]]:
+                 progress: bool = False, rows_per_forward: int = 8) -> list[list[float]]:
     """Rewards of every reply of every group, in the groups' order.
 
     Each reply is scored on its own, except with decoders, which score whole groups, each
     group's shared prompt run once (sharing.py; rewards equal to separate forwards up to
-    rounding). The units are sorted by length and batched so that the longest times their
-    number stays within ``batch_tokens`` (a longer unit alone): padding is small and the batch
-    size adapts to the lengths.
+    rounding) in packed forwards of about ``rows_per_forward`` replies, as in training (smollm2
+    on 50 HH pairs: 15-16 s against 18 s in one packed forward per batch). The units are sorted
+    by length and batched so that the longest times their number stays within ``batch_tokens``
+    (a longer unit alone): padding is small and the batch size adapts to the lengths.
     """
     model.eval()
     share = sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups)
@@ -361,7 +362,7 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
     for batch_units in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
         batch = collate([unit for unit, _ in batch_units], pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        rewards = forward_rewards(model, batch, share, pad_token_id).tolist()
+        rewards = forward_rewards(model, batch, share, pad_token_id, rows_per_forward if share else 0).tolist()
         places = [place for _, unit_places in batch_units for place in unit_places]
         for (gi, ri), reward in zip(places, rewards):
             out[gi][ri] = reward
