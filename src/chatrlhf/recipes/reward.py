@@ -25,12 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import losses, metrics, models, sharing, training
+from chatrlhf import encoders, losses, metrics, models, sharing, training
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import load
 from chatrlhf.data.batching import Group, bucketed_batches, collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, ScoredSample, kind_of
-from chatrlhf.first_token import first_token_only
 
 from chatrlhf.training import CHECKPOINTS
 
@@ -173,25 +172,26 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
                     rows_per_forward: int = 0) -> torch.Tensor:
     """(sum K,) float32 rewards of a collated batch.
 
-    ``share_prompt`` runs each group's prompt once (decoders only, see sharing.py). Otherwise,
-    with ``rows_per_forward`` > 0, the sequences are sorted by length and run in chunks of that
-    many rows, each cut to its own longest sequence: a pair's two replies often differ a lot in
-    length, and padding both to the longest of the batch wastes a fifth of the compute on HH.
-    BERT-like encoders compute their last layer for the [CLS] token only (first_token.py).
+    ``share_prompt`` runs each group's prompt once (decoders only, see sharing.py). BERT-like
+    encoders run padding-free, with attention in length-sorted chunks of ``rows_per_forward``
+    sequences, and their last layer for the [CLS] token only (encoders.py). Other models, with
+    ``rows_per_forward`` > 0, run the sequences sorted by length in chunks of that many rows, each
+    cut to its own longest sequence: a pair's two replies often differ a lot in length, and
+    padding both to the longest of the batch wastes a fifth of the compute on HH.
     """
     if share_prompt and sharing.is_decoder(model) and max(batch["group_sizes"]) > 1:
         return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
                                              batch["group_sizes"], pad_id, rows_per_forward)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-    with first_token_only(model):
-        if not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
+    with encoders.packed(model, batch["attention_mask"], rows_per_forward) as padding_free:
+        if padding_free or not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
             return model(**{k: batch[k] for k in names}).logits[:, 0].float()
-        lengths = batch["attention_mask"].sum(1)
-        order = lengths.argsort(stable=True)
-        pieces = []
-        for rows in order.split(rows_per_forward):
-            width = int(lengths[rows].max())
-            pieces.append(model(**{k: batch[k][rows, :width] for k in names}).logits[:, 0].float())
+    lengths = batch["attention_mask"].sum(1)
+    order = lengths.argsort(stable=True)
+    pieces = []
+    for rows in order.split(rows_per_forward):
+        width = int(lengths[rows].max())
+        pieces.append(model(**{k: batch[k][rows, :width] for k in names}).logits[:, 0].float())
     return torch.cat(pieces)[order.argsort()]
 
 
@@ -336,12 +336,15 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
     Each reply is scored on its own, except with decoders, which score whole groups, each
     group's shared prompt run once (sharing.py; rewards equal to separate forwards up to
     rounding) in packed forwards of about ``rows_per_forward`` replies, as in training (smollm2
-    on 50 HH pairs: 15-16 s against 18 s in one packed forward per batch). The units are sorted
+    on 50 HH pairs: 15-16 s against 18 s in one packed forward per batch). BERT-like encoders
+    run padding-free with attention in chunks of ``rows_per_forward`` (encoders.py). The units are sorted
     by length and batched so that the longest times their number stays within ``batch_tokens``
     (a longer unit alone): padding is small and the batch size adapts to the lengths.
     """
     model.eval()
     share = sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups)
+    # Other models score a batch of single replies, already sorted by length, in one forward.
+    rows = rows_per_forward if share or encoders.encoder_layers(model) is not None else 0
     if share:  # (unit, the (group, reply) places of its rewards)
         units = [(g, [(gi, ri) for ri in range(len(g.replies))]) for gi, g in enumerate(groups)]
     else:
@@ -362,7 +365,7 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
     for batch_units in tqdm(batches, desc="scoring", disable=not progress, dynamic_ncols=True):
         batch = collate([unit for unit, _ in batch_units], pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        rewards = forward_rewards(model, batch, share, pad_token_id, rows_per_forward if share else 0).tolist()
+        rewards = forward_rewards(model, batch, share, pad_token_id, rows).tolist()
         places = [place for _, unit_places in batch_units for place in unit_places]
         for (gi, ri), reward in zip(places, rewards):
             out[gi][ri] = reward

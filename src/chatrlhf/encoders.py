@@ -1,0 +1,172 @@
+"""BERT-like reward models: padding-free layers, and the last layer for the first token only.
+
+Two cuts of work whose results are thrown away, with the rewards and gradients of the plain
+forward up to rounding (tests/test_encoders.py):
+
+- **Padding-free.** The layers' linear maps, layer norms and activations run on the real tokens
+  only, packed into one (tokens, hidden) matrix; attention alone needs rows, so each layer puts
+  the packed keys, queries and values back into rows, in chunks of ``rows_per_attention``
+  sequences sorted by length, each chunk padded to its own longest. On HH pairs with MiniLM
+  this saves the 7% of padding that length-sorted chunks of whole forwards still computed.
+- **First token only in the last layer.** A BERT-like sequence classifier reads its score off the
+  first token ([CLS]) of the last layer: that layer computes the first token's query, attention
+  output and feed-forward block only, with keys and values from every token as before. On MiniLM
+  (6 layers) that removes about a seventh of the compute.
+
+It applies to encoders with the BERT layer layout and absolute positions whose classification
+head reads the first token (BERT, RoBERTa, XLM-R, ELECTRA), on right-padded batches (as
+``collate`` makes them); other models and batches run unchanged. The layers are still called as
+modules, so hooks (FSDP's) run, and gradient checkpointing applies to each layer as before.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Sequence classifiers whose head reads the first token of the last layer only.
+FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "electra")
+
+
+def encoder_layers(model):
+    """The encoder's layers when ``model`` qualifies (see the module docstring), else None."""
+    model = getattr(model, "module", model)  # under DistributedDataParallel
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if getattr(config, "model_type", None) not in FIRST_TOKEN_HEADS:
+        return None
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None  # relative positions enter the attention scores
+    body = getattr(base, base.base_model_prefix, None)
+    layers = getattr(getattr(body, "encoder", None), "layer", None)
+    if not layers:
+        return None
+    for layer in layers:
+        attention = getattr(getattr(layer, "attention", None), "self", None)
+        parts = [getattr(attention, name, None) for name in ("query", "key", "value")]
+        if None in parts or not all(hasattr(layer, name) for name in ("intermediate", "output")):
+            return None
+        if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False):
+            return None
+    return layers
+
+
+@dataclass
+class Rows:
+    """Some of a batch's sequences, sorted by length, as rows of one width for attention."""
+    count: int
+    width: int
+    index: torch.Tensor | None  # where the real tokens go in (count * width); None: no padding
+    mask: torch.Tensor | None   # (count, 1, 1, width) bool for attention; None: no padding
+
+    def unpack(self, tokens: torch.Tensor, heads: int) -> torch.Tensor:
+        """(tokens, H) -> (count, heads, width, H / heads), zero-padded."""
+        if self.index is not None:
+            tokens = tokens.new_zeros(self.count * self.width, tokens.shape[1]).index_copy(0, self.index, tokens)
+        return tokens.view(self.count, self.width, heads, -1).transpose(1, 2)
+
+    def pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """(count, heads, width, d) -> the real tokens, (tokens, heads * d)."""
+        rows = rows.transpose(1, 2).reshape(self.count * self.width, -1)
+        return rows if self.index is None else rows.index_select(0, self.index)
+
+
+def rows_of(lengths: list[int], device) -> Rows:
+    count, width = len(lengths), max(lengths)
+    if min(lengths) == width:
+        return Rows(count, width, None, None)
+    keep = torch.arange(width, device=device) < torch.tensor(lengths, device=device)[:, None]
+    return Rows(count, width, keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
+
+
+@dataclass
+class Plan:
+    """Where a batch's real tokens are: its rows sorted by length, packed one after another."""
+    order: torch.Tensor     # (B,) the rows sorted by length (shortest first)
+    keep: torch.Tensor      # (B, T) bool: the sorted rows' real tokens
+    firsts: torch.Tensor    # (B,) where each sorted row's first token is among the packed ones
+    chunks: list[Rows]      # attention chunks, in sorted order
+    sizes: list[int]        # their numbers of tokens
+    everyone: Rows          # all rows, for the last layer's keys and values
+
+
+def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Self-attention of packed tokens (tokens, H), chunk by chunk; returns (tokens, H)."""
+    attention = layer.attention.self
+    heads = attention.num_attention_heads
+    dropout = attention.dropout.p if attention.training else 0.0
+    query, key, value = (part(hidden).split(plan.sizes) for part in (attention.query, attention.key, attention.value))
+    out = []
+    for rows, q, k, v in zip(plan.chunks, query, key, value):
+        context = F.scaled_dot_product_attention(rows.unpack(q, heads), rows.unpack(k, heads), rows.unpack(v, heads),
+                                                 attn_mask=rows.mask, dropout_p=dropout, scale=attention.scaling)
+        out.append(rows.pack(context))
+    return torch.cat(out)
+
+
+def _packed_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
+    attended = layer.attention.output(_attend(layer, hidden, plan), hidden)
+    return layer.output(layer.intermediate(attended), attended)
+
+
+def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The last layer at each sequence's first token: (B, 1, H) in sorted order; queries from
+    the first tokens, keys and values from every token."""
+    attention = layer.attention.self
+    heads = attention.num_attention_heads
+    first = hidden[plan.firsts][:, None]
+    query = attention.query(first).view(len(first), 1, heads, -1).transpose(1, 2)
+    rows = plan.everyone
+    context = F.scaled_dot_product_attention(
+        query, rows.unpack(attention.key(hidden), heads), rows.unpack(attention.value(hidden), heads),
+        attn_mask=rows.mask, dropout_p=attention.dropout.p if attention.training else 0.0, scale=attention.scaling)
+    attended = layer.attention.output(context.transpose(1, 2).flatten(2), first)
+    return layer.output(layer.intermediate(attended), attended)
+
+
+def _layer_forward(layer, index: int, count: int, plan: Plan):
+    """The forward put on layer ``index`` of ``count``: the first packs the padded embeddings,
+    the last returns the first tokens in the batch's row order."""
+    def forward(hidden_states, *args, **kwargs):
+        if index == 0:
+            hidden_states = hidden_states[plan.order][plan.keep]
+        step = _first_token_layer if index == count - 1 else _packed_layer
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            out = checkpoint(step, layer, hidden_states, plan, use_reentrant=False)
+        else:
+            out = step(layer, hidden_states, plan)
+        return out[plan.order.argsort()] if index == count - 1 else out
+    return forward
+
+
+@contextmanager
+def packed(model, attention_mask: torch.Tensor | None, rows_per_attention: int = 8):
+    """Within the block, a qualifying model called on a batch with this (B, T) ``attention_mask``
+    runs padding-free with a first-token last layer (its last hidden state has length 1).
+    Yields whether it applies; other models and batches are left as they are."""
+    layers = encoder_layers(model)
+    right_padded = attention_mask is not None and bool((attention_mask.cummin(1).values == attention_mask).all())
+    if layers is None or not right_padded or not bool(attention_mask[:, 0].all()):
+        yield False
+        return
+    lengths = attention_mask.sum(1)
+    order = lengths.argsort(stable=True)
+    ordered = lengths[order].tolist()
+    step = rows_per_attention or len(ordered)
+    chunks = [ordered[first:first + step] for first in range(0, len(ordered), step)]
+    device = attention_mask.device
+    plan = Plan(order, attention_mask[order].bool(), torch.tensor([0, *accumulate(ordered[:-1])], device=device),
+                [rows_of(chunk, device) for chunk in chunks], [sum(chunk) for chunk in chunks],
+                rows_of(ordered, device))
+    for index, layer in enumerate(layers):
+        layer.forward = _layer_forward(layer, index, len(layers), plan)
+    try:
+        yield True
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward

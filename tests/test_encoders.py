@@ -1,0 +1,100 @@
+"""The padding-free, first-token forward gives the rewards and gradients of the plain forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatrlhf import models
+from chatrlhf.data.batching import Group, collate, tokenize_groups
+from chatrlhf.encoders import encoder_layers, packed
+from conftest import separable_pairs
+
+
+def rewards_and_grads(model, batch: dict, rows_per_attention: int | None):
+    """rows_per_attention None: the plain forward."""
+    model.zero_grad()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    if rows_per_attention is None:
+        rewards = model(**inputs).logits[:, 0]
+    else:
+        with packed(model, batch["attention_mask"], rows_per_attention) as applies:
+            assert applies
+            rewards = model(**inputs).logits[:, 0]
+    rewards.square().sum().backward()
+    return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(model, batch, rows=(0, 3)):
+    full, full_grads = rewards_and_grads(model, batch, None)
+    for rows_per_attention in rows:
+        fast, fast_grads = rewards_and_grads(model, batch, rows_per_attention)
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+        assert fast_grads.keys() == full_grads.keys()
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def bert_batch(tokenizer) -> dict:
+    # Replies of different lengths: padding, and so a mask, in the batch; the first two pairs
+    # repeated, so some attention chunks have rows of one length (no padding).
+    groups = [Group(row["prompt"], [row["chosen"], row["rejected"] + " the" * (3 * i)], [0, 1])
+              for i, row in enumerate(separable_pairs(5, seed=4))]
+    groups += groups[:2]
+    tokenize_groups(groups, tokenizer, max_length=64)
+    return collate(groups, tokenizer.pad_token_id)
+
+
+def nonzero_head(model):
+    torch.manual_seed(2)
+    with torch.no_grad():  # a score head and adapter that are not zero, so gradients reach everything
+        for name, p in model.named_parameters():
+            if "classifier" in name or "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("lora,attention,checkpointing", [(0, "sdpa", False), (0, "eager", False),
+                                                         (4, "sdpa", False), (0, "sdpa", True)])
+def test_bert_packed_equals_plain_forward(tiny_bert, lora, attention, checkpointing):
+    model, tokenizer = models.load_reward_model(tiny_bert, {"r": lora, "lora_alpha": 8} if lora else None,
+                                                dropout=False)
+    model.set_attn_implementation(attention)
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+    assert encoder_layers(model) is not None
+    nonzero_head(model)
+    assert_same(model, bert_batch(tokenizer))
+
+
+def test_roberta_and_a_single_layer_packed_equal_plain_forward():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    for layers in (2, 1):  # with one layer, the first layer is also the last
+        torch.manual_seed(0)
+        config = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                               intermediate_size=48, max_position_embeddings=40, num_labels=1, pad_token_id=1)
+        model = RobertaForSequenceClassification(config).eval()
+        input_ids = torch.randint(3, 50, (4, 12))
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, 7:] = attention_mask[3, 4:] = 0
+        input_ids[attention_mask == 0] = 1
+        assert_same(model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows=(0, 1, 2))
+
+
+def test_layers_are_restored_and_other_models_and_batches_left_alone(tiny_bert, tiny_llama):
+    model, tokenizer = models.load_reward_model(tiny_bert)
+    batch = bert_batch(tokenizer)
+    body = model.bert
+    with packed(model, batch["attention_mask"]) as applies:
+        assert applies
+        assert body(input_ids=batch["input_ids"]).last_hidden_state.shape[1] == 1
+    assert body(input_ids=batch["input_ids"]).last_hidden_state.shape == (*batch["input_ids"].shape, 32)
+    left_padded = batch["attention_mask"].flip(1)
+    with packed(model, left_padded) as applies:
+        assert not applies
+        assert body(input_ids=batch["input_ids"]).last_hidden_state.shape[1] > 1
+    decoder, _ = models.load_reward_model(tiny_llama)
+    assert encoder_layers(decoder) is None
+    with packed(decoder, batch["attention_mask"]) as applies:
+        assert not applies
