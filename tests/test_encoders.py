@@ -80,6 +80,8 @@ def test_roberta_and_a_single_layer_packed_equal_plain_forward():
         attention_mask[1, 7:] = attention_mask[3, 4:] = 0
         input_ids[attention_mask == 0] = 1
         assert_same(model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows=(0, 1, 2))
+        unpadded = torch.randint(3, 50, (3, 9))  # no padding at all: no mask anywhere
+        assert_same(model, {"input_ids": unpadded, "attention_mask": torch.ones_like(unpadded)}, rows=(0, 2))
 
 
 def test_layers_are_restored_and_other_models_and_batches_left_alone(tiny_bert, tiny_llama):
