@@ -63,39 +63,43 @@ class Rows:
     """Some of a batch's sequences, sorted by length, as rows of one width for attention."""
     count: int
     width: int
+    tokens: int                 # real tokens in these rows
     index: torch.Tensor | None  # where the real tokens go in (count * width); None: no padding
     mask: torch.Tensor | None   # (count, 1, 1, width) bool for attention; None: no padding
 
-    def unpack(self, tokens: torch.Tensor, heads: int) -> torch.Tensor:
-        """(tokens, H) -> (count, heads, width, H / heads), zero-padded."""
+    def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(tokens, H) -> (count, width, H), zero-padded."""
         if self.index is not None:
             padded = tokens.new_zeros(self.count * self.width, tokens.shape[1])
             tokens = padded.index_copy(0, self.index, tokens)
-        return tokens.view(self.count, self.width, heads, -1).transpose(1, 2)
+        return tokens.view(self.count, self.width, -1)
 
     def pack(self, rows: torch.Tensor) -> torch.Tensor:
-        """(count, heads, width, d) -> the real tokens, (tokens, heads * d)."""
-        rows = rows.transpose(1, 2).reshape(self.count * self.width, -1)
+        """(count, width, H) -> the real tokens, (tokens, H)."""
+        rows = rows.reshape(self.count * self.width, -1)
         return rows if self.index is None else rows.index_select(0, self.index)
 
 
 def rows_of(lengths: list[int], device) -> Rows:
-    count, width = len(lengths), max(lengths)
+    count, width, tokens = len(lengths), max(lengths), sum(lengths)
     if min(lengths) == width:
-        return Rows(count, width, None, None)
+        return Rows(count, width, tokens, None, None)
     keep = torch.arange(width, device=device) < torch.tensor(lengths, device=device)[:, None]
-    return Rows(count, width, keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
+    return Rows(count, width, tokens, keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
 
 
 @dataclass
 class Plan:
     """Where a batch's real tokens are: its rows sorted by length, packed one after another."""
     order: torch.Tensor     # (B,) the rows sorted by length (shortest first)
-    keep: torch.Tensor      # (B, T) bool: the sorted rows' real tokens
     firsts: torch.Tensor    # (B,) where each sorted row's first token is among the packed ones
     chunks: list[Rows]      # attention chunks, in sorted order
-    sizes: list[int]        # their numbers of tokens
-    everyone: Rows          # all rows, for the last layer's keys and values
+    everyone: Rows          # all rows: packing the embeddings, the last layer's attention
+
+
+def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """(count, width, H) -> (count, heads, width, H / heads)."""
+    return rows.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -103,13 +107,13 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     attention = layer.attention.self
     heads = attention.num_attention_heads
     dropout = attention.dropout.p if attention.training else 0.0
-    projections = (attention.query, attention.key, attention.value)
-    query, key, value = (part(hidden).split(plan.sizes) for part in projections)
+    sizes = [rows.tokens for rows in plan.chunks]
+    query, key, value = (part(hidden).split(sizes) for part in (attention.query, attention.key, attention.value))
     out = []
     for rows, *chunk in zip(plan.chunks, query, key, value):
-        context = F.scaled_dot_product_attention(*(rows.unpack(t, heads) for t in chunk), attn_mask=rows.mask,
-                                                 dropout_p=dropout, scale=attention.scaling)
-        out.append(rows.pack(context))
+        context = F.scaled_dot_product_attention(*(_heads(rows.unpack(t), heads) for t in chunk),
+                                                 attn_mask=rows.mask, dropout_p=dropout, scale=attention.scaling)
+        out.append(rows.pack(context.transpose(1, 2)))
     return torch.cat(out)
 
 
@@ -125,17 +129,16 @@ def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     attention = layer.attention.self
     heads = attention.num_attention_heads
     first = hidden[plan.firsts][:, None]
-    query = attention.query(first).view(len(first), 1, heads, -1).transpose(1, 2)
+    query = _heads(attention.query(first), heads)  # (B, heads, 1, d)
     dropout = attention.dropout.p if attention.training else 0.0
     rows = plan.everyone
     projections = (attention.key, attention.value)
     if all(type(p) is torch.nn.Linear and p.bias is not None for p in projections):  # not under LoRA
-        padded = rows.unpack(hidden, 1)[:, 0]
-        context = _attend_through_projections(attention, query[:, :, 0], padded, rows.mask, dropout)
+        context = _attend_through_projections(attention, query[:, :, 0], rows.unpack(hidden), rows.mask, dropout)
     else:
-        context = F.scaled_dot_product_attention(
-            query, rows.unpack(attention.key(hidden), heads), rows.unpack(attention.value(hidden), heads),
-            attn_mask=rows.mask, dropout_p=dropout, scale=attention.scaling)
+        key, value = (_heads(rows.unpack(part(hidden)), heads) for part in projections)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=rows.mask, dropout_p=dropout,
+                                                 scale=attention.scaling)
     attended = layer.attention.output(context.transpose(1, 2).flatten(2), first)
     return layer.output(layer.intermediate(attended), attended)
 
@@ -162,7 +165,7 @@ def _layer_forward(layer, index: int, count: int, plan: Plan):
     the last returns the first tokens in the batch's row order."""
     def forward(hidden_states, *args, **kwargs):
         if index == 0:
-            hidden_states = hidden_states[plan.order][plan.keep]
+            hidden_states = plan.everyone.pack(hidden_states[plan.order, :plan.everyone.width])
         step = _first_token_layer if index == count - 1 else _packed_layer
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
             out = checkpoint(step, layer, hidden_states, plan, use_reentrant=False)
@@ -189,8 +192,7 @@ def packed(model, attention_mask: torch.Tensor | None, rows_per_attention: int =
     chunks = [ordered[first:first + step] for first in range(0, len(ordered), step)]
     device = attention_mask.device
     firsts = torch.tensor([0, *accumulate(ordered[:-1])], device=device)
-    plan = Plan(order, attention_mask[order].bool(), firsts, [rows_of(chunk, device) for chunk in chunks],
-                [sum(chunk) for chunk in chunks], rows_of(ordered, device))
+    plan = Plan(order, firsts, [rows_of(chunk, device) for chunk in chunks], rows_of(ordered, device))
     for index, layer in enumerate(layers):
         layer.forward = _layer_forward(layer, index, len(layers), plan)
     try:
