@@ -100,3 +100,23 @@ def test_layers_are_restored_and_other_models_and_batches_left_alone(tiny_bert, 
     assert encoder_layers(decoder) is None
     with packed(decoder, batch["attention_mask"]) as applies:
         assert not applies
+
+
+def test_bf16_autocast_packed_as_close_to_float32_as_plain(tiny_bert):
+    # Machines with native bf16 train under autocast (train.bf16=auto): there the packed forward
+    # must round no worse than the plain one, measured against both in float32.
+    model, tokenizer = models.load_reward_model(tiny_bert, dropout=False)
+    nonzero_head(model)
+    batch = bert_batch(tokenizer)
+    exact, exact_grads = rewards_and_grads(model, batch, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = rewards_and_grads(model, batch, None)
+        fast, fast_grads = rewards_and_grads(model, batch, 3)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    tolerance = (plain.float() - exact).abs().max()
+    assert (fast.float() - exact).abs().max() <= 2 * tolerance + 1e-3
+    for name, grad in exact_grads.items():
+        if grad.norm() < 1e-6:
+            continue  # the key biases': zero up to rounding, so their relative error means nothing
+        error = (fast_grads[name] - grad).norm() / grad.norm()
+        assert error <= 2 * (plain_grads[name] - grad).norm() / grad.norm() + 1e-3, name
