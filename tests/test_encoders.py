@@ -60,7 +60,7 @@ def test_bert_packed_equals_plain_forward(tiny_bert, lora, attention, checkpoint
                                                 dropout=False)
     model.set_attn_implementation(attention)
     if checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        models.enable_checkpointing(model)
         model.train()
     assert encoder_layers(model) is not None
     nonzero_head(model)

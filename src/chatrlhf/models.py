@@ -141,6 +141,15 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing on every layer, non-reentrant. transformers 5 renamed
+    the method (the old name warns, and goes in v6); 4.x has the old name only."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def save_model(model, tokenizer, folder: str | Path, metadata: dict, state: dict | None = None) -> None:
     """Save a standard HF model (+ ``adapter/`` for LoRA, and the merged model) and chatrlhf.json.
 

@@ -106,7 +106,7 @@ def setup(config: RewardConfig) -> Run:
     model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora(),
                                                 dropout=config.model.dropout)
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
 
     train_groups = load_groups(config.data.train, config, tokenizer, config.data.limit, log)
     dev_groups = load_groups(config.data.dev, config, tokenizer, log=log) if config.data.dev else []
