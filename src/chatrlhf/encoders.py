@@ -181,8 +181,9 @@ def packed(model, attention_mask: torch.Tensor | None, rows_per_attention: int =
     runs padding-free with a first-token last layer (its last hidden state has length 1).
     Yields whether it applies; other models and batches are left as they are."""
     layers = encoder_layers(model)
-    right_padded = attention_mask is not None and bool((attention_mask.cummin(1).values == attention_mask).all())
-    if layers is None or not right_padded or not bool(attention_mask[:, 0].all()):  # each row starts real
+    # Checked in this order so that other models pay nothing: rows start real, padding on the right.
+    if (layers is None or attention_mask is None or not bool(attention_mask[:, 0].all())
+            or not bool((attention_mask.cummin(1).values == attention_mask).all())):
         yield False
         return
     lengths = attention_mask.sum(1)
