@@ -11,33 +11,32 @@ from chatrlhf.encoders import encoder_layers, packed
 from conftest import separable_pairs
 
 
-def rewards_and_grads(model, batch: dict, rows_per_attention: int | None):
-    """rows_per_attention None: the plain forward."""
+def rewards_and_grads(model, batch: dict, padding_free: bool):
+    """padding_free False: the plain forward."""
     model.zero_grad()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    if rows_per_attention is None:
+    if not padding_free:
         rewards = model(**inputs).logits[:, 0]
     else:
-        with packed(model, batch["attention_mask"], rows_per_attention) as applies:
+        with packed(model, batch["attention_mask"]) as applies:
             assert applies
             rewards = model(**inputs).logits[:, 0]
     rewards.square().sum().backward()
     return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same(model, batch, rows=(0, 3)):
-    full, full_grads = rewards_and_grads(model, batch, None)
-    for rows_per_attention in rows:
-        fast, fast_grads = rewards_and_grads(model, batch, rows_per_attention)
-        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
-        assert fast_grads.keys() == full_grads.keys()
-        for name, grad in full_grads.items():
-            torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+def assert_same(model, batch):
+    full, full_grads = rewards_and_grads(model, batch, False)
+    fast, fast_grads = rewards_and_grads(model, batch, True)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def bert_batch(tokenizer) -> dict:
     # Replies of different lengths: padding, and so a mask, in the batch; the first two pairs
-    # repeated, so some attention chunks have rows of one length (no padding).
+    # repeated, so some sequences have the same length.
     groups = [Group(row["prompt"], [row["chosen"], row["rejected"] + " the" * (3 * i)], [0, 1])
               for i, row in enumerate(separable_pairs(5, seed=4))]
     groups += groups[:2]
@@ -79,9 +78,9 @@ def test_roberta_and_a_single_layer_packed_equal_plain_forward():
         attention_mask = torch.ones_like(input_ids)
         attention_mask[1, 7:] = attention_mask[3, 4:] = 0
         input_ids[attention_mask == 0] = 1
-        assert_same(model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows=(0, 1, 2))
+        assert_same(model, {"input_ids": input_ids, "attention_mask": attention_mask})
         unpadded = torch.randint(3, 50, (3, 9))  # no padding at all: no mask anywhere
-        assert_same(model, {"input_ids": unpadded, "attention_mask": torch.ones_like(unpadded)}, rows=(0, 2))
+        assert_same(model, {"input_ids": unpadded, "attention_mask": torch.ones_like(unpadded)})
 
 
 def test_layers_are_restored_and_other_models_and_batches_left_alone(tiny_bert, tiny_llama):
@@ -108,10 +107,10 @@ def test_bf16_autocast_packed_as_close_to_float32_as_plain(tiny_bert):
     model, tokenizer = models.load_reward_model(tiny_bert, dropout=False)
     nonzero_head(model)
     batch = bert_batch(tokenizer)
-    exact, exact_grads = rewards_and_grads(model, batch, None)
+    exact, exact_grads = rewards_and_grads(model, batch, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain, plain_grads = rewards_and_grads(model, batch, None)
-        fast, fast_grads = rewards_and_grads(model, batch, 3)
+        plain, plain_grads = rewards_and_grads(model, batch, False)
+        fast, fast_grads = rewards_and_grads(model, batch, True)
     assert fast.dtype == plain.dtype == torch.bfloat16
     tolerance = (plain.float() - exact).abs().max()
     assert (fast.float() - exact).abs().max() <= 2 * tolerance + 1e-3

@@ -258,9 +258,9 @@ class TrainConfig:
     share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "
                                 "(same loss, less compute; single process only)")
     rows_per_forward: int = option(8, "run a batch's sequences sorted by length in chunks of this many "
-                                   "rows, each padded only to its own longest (BERT-like encoders: their "
-                                   "attention, the rest runs padding-free); with share_prompt, whole "
-                                   "groups of about this many replies per packed forward (0: one forward)")
+                                   "rows, each padded only to its own longest (BERT-like encoders run "
+                                   "padding-free instead); with share_prompt, whole groups of about this "
+                                   "many replies per packed forward (0: one forward)")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):

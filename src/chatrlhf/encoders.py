@@ -4,10 +4,12 @@ Two cuts of work whose results are thrown away, with the rewards and gradients o
 forward up to rounding (tests/test_encoders.py):
 
 - **Padding-free.** The layers' linear maps, layer norms and activations run on the real tokens
-  only, packed into one (tokens, hidden) matrix; attention alone needs rows, so each layer puts
-  the packed keys, queries and values back into rows, in chunks of ``rows_per_attention``
-  sequences sorted by length, each chunk padded to its own longest. On HH pairs with MiniLM
-  this saves the 7% of padding that length-sorted chunks of whole forwards still computed.
+  only, packed into one (tokens, hidden) matrix, and attention runs on each sequence's own
+  tokens, a view of that matrix: no padding anywhere, no mask, and no copying into rows. A
+  sequence's attention is two batched matmuls over its heads and a softmax, which on CPU, at
+  BERT's 32-wide heads, beats PyTorch's flash kernel at every length up to 256; on HH pairs
+  with MiniLM attention takes about 30% less time than the flash kernel on length-sorted
+  chunks of 8 rows did, and a training step 7% less.
 - **First token only in the last layer.** A BERT-like sequence classifier reads its score off the
   first token ([CLS]) of the last layer: that layer computes the first token's query, attention
   output and feed-forward block only, attending over every token as before. Even the keys and
@@ -60,10 +62,9 @@ def encoder_layers(model):
 
 @dataclass
 class Rows:
-    """Some of a batch's sequences, sorted by length, as rows of one width for attention."""
+    """A batch's sequences as zero-padded rows of one width."""
     count: int
     width: int
-    tokens: int                 # real tokens in these rows
     index: torch.Tensor | None  # where the real tokens go in (count * width); None: no padding
     mask: torch.Tensor | None   # (count, 1, 1, width) bool for attention; None: no padding
 
@@ -81,20 +82,19 @@ class Rows:
 
 
 def rows_of(lengths: list[int], device) -> Rows:
-    count, width, tokens = len(lengths), max(lengths), sum(lengths)
+    count, width = len(lengths), max(lengths)
     if min(lengths) == width:
-        return Rows(count, width, tokens, None, None)
+        return Rows(count, width, None, None)
     keep = torch.arange(width, device=device) < torch.tensor(lengths, device=device)[:, None]
-    return Rows(count, width, tokens, keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
+    return Rows(count, width, keep.flatten().nonzero().squeeze(1), keep[:, None, None, :])
 
 
 @dataclass
 class Plan:
-    """Where a batch's real tokens are: its rows sorted by length, packed one after another."""
-    order: torch.Tensor     # (B,) the rows sorted by length (shortest first)
-    firsts: torch.Tensor    # (B,) where each sorted row's first token is among the packed ones
-    chunks: list[Rows]      # attention chunks, in sorted order
-    everyone: Rows          # all rows: packing the embeddings, the last layer's attention
+    """Where a batch's real tokens are: its sequences packed one after another, in batch order."""
+    lengths: list[int]      # each sequence's real tokens
+    firsts: torch.Tensor    # (B,) where each sequence's first token is among the packed ones
+    rows: Rows              # the sequences as rows: packing the embeddings, the last layer's attention
 
 
 def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -103,18 +103,25 @@ def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Self-attention of packed tokens (tokens, H), chunk by chunk; returns (tokens, H)."""
+    """Self-attention of packed tokens (tokens, H), each sequence on its own; returns (tokens, H).
+    A sequence's attention is two batched matmuls over its heads and a softmax (in float32, as in
+    the flash kernel, also under bf16 autocast); the per-sequence tensors are views."""
     attention = layer.attention.self
     heads = attention.num_attention_heads
     dropout = attention.dropout.p if attention.training else 0.0
-    sizes = [rows.tokens for rows in plan.chunks]
-    query, key, value = (part(hidden).split(sizes) for part in (attention.query, attention.key, attention.value))
+    tokens = hidden.shape[0]
+    query, key, value = (part(hidden).view(tokens, heads, -1)
+                         for part in (attention.query, attention.key, attention.value))
+    queries = (query * attention.scaling).transpose(0, 1).split(plan.lengths, 1)  # (heads, T, d) each
+    keys = key.permute(1, 2, 0).split(plan.lengths, 2)  # (heads, d, T)
+    values = value.transpose(0, 1).split(plan.lengths, 1)
     out = []
-    for rows, *chunk in zip(plan.chunks, query, key, value):
-        context = F.scaled_dot_product_attention(*(_heads(rows.unpack(t), heads) for t in chunk),
-                                                 attn_mask=rows.mask, dropout_p=dropout, scale=attention.scaling)
-        out.append(rows.pack(context.transpose(1, 2)))
-    return torch.cat(out)
+    for q, k, v in zip(queries, keys, values):
+        weights = torch.bmm(q, k).softmax(-1, dtype=torch.float32).type_as(v)
+        if dropout:
+            weights = F.dropout(weights, dropout)
+        out.append(torch.bmm(weights, v))
+    return torch.cat(out, 1).transpose(0, 1).flatten(1)
 
 
 def _packed_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -123,7 +130,7 @@ def _packed_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """The last layer at each sequence's first token: (B, 1, H) in sorted order; queries from
+    """The last layer at each sequence's first token: (B, 1, H); queries from
     the first tokens, attending over every token (through the key and value projections'
     weights, without computing every token's key and value, where they are plain linear maps)."""
     attention = layer.attention.self
@@ -131,7 +138,7 @@ def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     first = hidden[plan.firsts][:, None]
     query = _heads(attention.query(first), heads)  # (B, heads, 1, d)
     dropout = attention.dropout.p if attention.training else 0.0
-    rows = plan.everyone
+    rows = plan.rows
     projections = (attention.key, attention.value)
     if all(type(p) is torch.nn.Linear and p.bias is not None for p in projections):  # not under LoRA
         context = _attend_through_projections(attention, query[:, :, 0], rows.unpack(hidden), rows.mask, dropout)
@@ -162,21 +169,19 @@ def _attend_through_projections(attention, query, hidden, mask, dropout: float) 
 
 def _layer_forward(layer, index: int, count: int, plan: Plan):
     """The forward put on layer ``index`` of ``count``: the first packs the padded embeddings,
-    the last returns the first tokens in the batch's row order."""
+    the last returns the first tokens."""
     def forward(hidden_states, *args, **kwargs):
         if index == 0:
-            hidden_states = plan.everyone.pack(hidden_states[plan.order, :plan.everyone.width])
+            hidden_states = plan.rows.pack(hidden_states[:, :plan.rows.width])
         step = _first_token_layer if index == count - 1 else _packed_layer
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            out = checkpoint(step, layer, hidden_states, plan, use_reentrant=False)
-        else:
-            out = step(layer, hidden_states, plan)
-        return out[plan.order.argsort()] if index == count - 1 else out
+            return checkpoint(step, layer, hidden_states, plan, use_reentrant=False)
+        return step(layer, hidden_states, plan)
     return forward
 
 
 @contextmanager
-def packed(model, attention_mask: torch.Tensor | None, rows_per_attention: int = 8):
+def packed(model, attention_mask: torch.Tensor | None):
     """Within the block, a qualifying model called on a batch with this (B, T) ``attention_mask``
     runs padding-free with a first-token last layer (its last hidden state has length 1).
     Yields whether it applies; other models and batches are left as they are."""
@@ -186,14 +191,9 @@ def packed(model, attention_mask: torch.Tensor | None, rows_per_attention: int =
             or not bool((attention_mask.cummin(1).values == attention_mask).all())):
         yield False
         return
-    lengths = attention_mask.sum(1)
-    order = lengths.argsort(stable=True)
-    ordered = lengths[order].tolist()
-    step = rows_per_attention or len(ordered)
-    chunks = [ordered[first:first + step] for first in range(0, len(ordered), step)]
+    lengths = attention_mask.sum(1).tolist()
     device = attention_mask.device
-    firsts = torch.tensor([0, *accumulate(ordered[:-1])], device=device)
-    plan = Plan(order, firsts, [rows_of(chunk, device) for chunk in chunks], rows_of(ordered, device))
+    plan = Plan(lengths, torch.tensor([0, *accumulate(lengths[:-1])], device=device), rows_of(lengths, device))
     for index, layer in enumerate(layers):
         layer.forward = _layer_forward(layer, index, len(layers), plan)
     try:

@@ -173,8 +173,8 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
     """(sum K,) float32 rewards of a collated batch.
 
     ``share_prompt`` runs each group's prompt once (decoders only, see sharing.py). BERT-like
-    encoders run padding-free, with attention in length-sorted chunks of ``rows_per_forward``
-    sequences, and their last layer for the [CLS] token only (encoders.py). Other models, with
+    encoders run padding-free, attention included, and their last layer for the [CLS] token
+    only (encoders.py). Other models, with
     ``rows_per_forward`` > 0, run the sequences sorted by length in chunks of that many rows, each
     cut to its own longest sequence: a pair's two replies often differ a lot in length, and
     padding both to the longest of the batch wastes a fifth of the compute on HH.
@@ -183,7 +183,7 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
         return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
                                              batch["group_sizes"], pad_id, rows_per_forward)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-    with encoders.packed(model, batch["attention_mask"], rows_per_forward) as padding_free:
+    with encoders.packed(model, batch["attention_mask"]) as padding_free:
         if padding_free or not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
             return model(**{k: batch[k] for k in names}).logits[:, 0].float()
     lengths = batch["attention_mask"].sum(1)
@@ -337,14 +337,14 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
     group's shared prompt run once (sharing.py; rewards equal to separate forwards up to
     rounding) in packed forwards of about ``rows_per_forward`` replies, as in training (smollm2
     on 50 HH pairs: 15-16 s against 18 s in one packed forward per batch). BERT-like encoders
-    run padding-free with attention in chunks of ``rows_per_forward`` (encoders.py). The units are sorted
+    run padding-free (encoders.py). The units are sorted
     by length and batched so that the longest times their number stays within ``batch_tokens``
     (a longer unit alone): padding is small and the batch size adapts to the lengths.
     """
     model.eval()
     share = sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups)
     # Other models score a batch of single replies, already sorted by length, in one forward.
-    rows = rows_per_forward if share or encoders.encoder_layers(model) is not None else 0
+    rows = rows_per_forward if share else 0
     if share:  # (unit, the (group, reply) places of its rewards)
         units = [(g, [(gi, ri) for ri in range(len(g.replies))]) for gi, g in enumerate(groups)]
     else:
