@@ -66,6 +66,27 @@ def test_bert_packed_equals_plain_forward(tiny_bert, lora, attention, checkpoint
     assert_same(model, bert_batch(tokenizer))
 
 
+def test_attention_dropout_applies_as_in_the_plain_forward(tiny_bert):
+    # Attention dropout of 1 drops every attention weight: both forwards are deterministic, so the
+    # packed one must match the plain (eager) one, value bias of the [CLS]-only last layer included.
+    model, tokenizer = models.load_reward_model(tiny_bert, dropout=False)
+    model.set_attn_implementation("eager")
+    nonzero_head(model)
+    model.train()
+    attentions = [layer.attention.self for layer in encoder_layers(model)]
+    batch = bert_batch(tokenizer)
+    for attention in attentions:
+        attention.dropout.p = 1.0
+    assert_same(model, batch)
+    for attention in attentions:
+        attention.dropout.p = 0.5
+    torch.manual_seed(0)
+    first, _ = rewards_and_grads(model, batch, True)
+    torch.manual_seed(1)
+    second, _ = rewards_and_grads(model, batch, True)
+    assert not torch.allclose(first, second)  # dropout is random in the packed forward too
+
+
 def test_roberta_and_a_single_layer_packed_equal_plain_forward():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 

@@ -152,9 +152,9 @@ def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 def _attend_through_projections(attention, query, hidden, mask, dropout: float) -> torch.Tensor:
     """One query per sequence attending over all its tokens without their keys and values:
-    q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and sum p (W_v x + b_v) = W_v (sum p x) + b_v
-    as the p sum to 1. query (B, heads, d), hidden (B, T, H) zero-padded, mask (B, 1, 1, T) or
-    None -> (B, heads, 1, d)."""
+    q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and sum p (W_v x + b_v) = W_v (sum p x) + (sum p) b_v,
+    where sum p is 1 unless attention dropout dropped some p. query (B, heads, d), hidden (B, T, H)
+    zero-padded, mask (B, 1, 1, T) or None -> (B, heads, 1, d)."""
     heads, width = query.shape[1], hidden.shape[2]
     keys_of_query = torch.einsum("bhd,hdi->bhi", query, attention.key.weight.view(heads, -1, width))
     # The key bias's term is kept, so that it has its (zero) gradient as in the plain forward.
@@ -164,7 +164,10 @@ def _attend_through_projections(attention, query, hidden, mask, dropout: float) 
         scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
     weights = F.dropout(scores.softmax(-1), dropout, training=dropout > 0)
     context = torch.einsum("bhi,hdi->bhd", weights @ hidden, attention.value.weight.view(heads, -1, width))
-    return (context + attention.value.bias.view(heads, -1))[:, :, None]
+    value_bias = attention.value.bias.view(heads, -1)
+    if dropout:
+        value_bias = value_bias * weights.sum(-1, keepdim=True)
+    return (context + value_bias)[:, :, None]
 
 
 def _layer_forward(layer, index: int, count: int, plan: Plan):
