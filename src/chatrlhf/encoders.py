@@ -7,9 +7,11 @@ forward up to rounding (tests/test_encoders.py):
   only, packed into one (tokens, hidden) matrix, and attention runs on each sequence's own
   tokens, a view of that matrix: no padding anywhere, no mask, and no copying into rows. A
   sequence's attention is two batched matmuls over its heads and a softmax, which on CPU, at
-  BERT's 32-wide heads, beats PyTorch's flash kernel at every length up to 256; on HH pairs
-  with MiniLM attention takes about 30% less time than the flash kernel on length-sorted
-  chunks of 8 rows did, and a training step 7% less.
+  BERT's 32-wide heads, beats PyTorch's flash kernel at every length measured (16 to 512
+  tokens); on HH pairs with MiniLM attention takes about 30% less time than the flash kernel
+  on length-sorted chunks of 8 padded rows did, and a training step 7% less. It keeps each
+  sequence's attention weights for the backward, which the flash kernel recomputes: more
+  memory (README, Speed).
 - **First token only in the last layer.** A BERT-like sequence classifier reads its score off the
   first token ([CLS]) of the last layer: that layer computes the first token's query, attention
   output and feed-forward block only, attending over every token as before. Even the keys and
