@@ -111,8 +111,7 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     attention = layer.attention.self
     heads = attention.num_attention_heads
     dropout = attention.dropout.p if attention.training else 0.0
-    tokens = hidden.shape[0]
-    query, key, value = (part(hidden).view(tokens, heads, -1)
+    query, key, value = (part(hidden).unflatten(1, (heads, -1))
                          for part in (attention.query, attention.key, attention.value))
     queries = (query * attention.scaling).transpose(0, 1).split(plan.lengths, 1)  # (heads, T, d) each
     keys = key.permute(1, 2, 0).split(plan.lengths, 2)  # (heads, d, T)
