@@ -18,8 +18,10 @@ the CPU computes it natively). Each
 side runs in its own child process, so its peak resident memory is its own. Scoring is compared
 too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
 user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
-token-budget batches. ``--repeats N`` runs both sides N times, alternating, and keeps each
-side's fastest run: on a shared machine the speed drifts by more than a few percent.
+token-budget batches. ``--repeats N`` runs both sides N times, alternating, and times each side
+by each step's fastest run (every run takes the same steps on the same batches): on a shared
+machine the speed drifts by more than a few percent, in bursts. The matmul peak is measured
+before and after the runs and the higher kept, for the same reason.
 Needs the benchmark extra: pip install -e '.[bench]'.
 """
 
@@ -172,11 +174,25 @@ def our_scoring(backbone: str, groups) -> float:
 
 
 def summarize(steps: list[dict], params: int, dtype: str) -> dict:
-    seconds = sum(s["seconds"] for s in steps)
+    """One run of one side: each step's seconds, and the work of all of them."""
     tokens = sum(s["tokens"] for s in steps)
-    return {"steps": len(steps), "seconds": seconds, "pairs_per_s": sum(s["pairs"] for s in steps) / seconds,
-            "tokens_per_s": tokens / seconds, "peak_mib": peak_mib(),
-            "gflops": 6 * params * tokens / seconds / 1e9, "dtype": dtype}
+    return {"seconds": [s["seconds"] for s in steps], "step_tokens": [s["tokens"] for s in steps],
+            "tokens": tokens, "pairs": sum(s["pairs"] for s in steps),
+            "flops": 6 * params * tokens, "peak_mib": peak_mib(), "dtype": dtype}
+
+
+def fastest(runs: list[dict]) -> dict:
+    """One side's runs of the same steps, timed by each step's fastest run."""
+    if any(r["step_tokens"] != runs[0]["step_tokens"] or r["pairs"] != runs[0]["pairs"] for r in runs):
+        raise RuntimeError("the runs of one side took different steps; their times cannot be compared step by step")
+    seconds = sum(map(min, zip(*(r["seconds"] for r in runs))))
+    run = runs[0]
+    return {**run, "pairs_per_s": run["pairs"] / seconds, "tokens_per_s": run["tokens"] / seconds,
+            "gflops": run["flops"] / seconds / 1e9, "peak_mib": max(r["peak_mib"] for r in runs)}
+
+
+def pairs_per_s(run: dict) -> float:
+    return run["pairs"] / sum(run["seconds"])
 
 
 def load_groups(backbone: str, data_file: Path, max_length: int, count: int):
@@ -232,7 +248,7 @@ def main() -> int:
                              "(TRL: on, chatrlhf: off)")
     parser.add_argument("--score-groups", type=int, default=400, help="groups scored in the scoring test")
     parser.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating, "
-                        "and keep each side's fastest")
+                        "and time each side by each step's fastest run")
     parser.add_argument("--side", choices=["chatrlhf", "trl", "scoring"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -246,17 +262,18 @@ def main() -> int:
     names = {"fp32": ["fp32"], "bf16": ["bf16"], "auto": ["fp32", "bf16"] if training.native_bf16() else ["fp32"]}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {name: matmul_peak(dtypes[name]) for name in names[args.precision]}
-    print(f"matmul peak ({args.threads} threads): "
-          + ", ".join(f"{name} {peak:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
     for case in cases:
         args.case = case
         if not CASES[case][1].exists():
             print(f"{case}: skipped, {CASES[case][1]} is absent")
             continue
-        # Alternating runs, each side's fastest kept: a shared machine's speed drifts by more than
+        # Alternating runs, each step's fastest kept: a shared machine's speed drifts by more than
         # the differences measured, and alternating puts both sides through the same drift.
         runs = [(in_child(args, "chatrlhf"), in_child(args, "trl")) for _ in range(args.repeats)]
-        ours, theirs = (max((run[i] for run in runs), key=lambda r: r["pairs_per_s"]) for i in (0, 1))
+        ours, theirs = (fastest([run[i] for run in runs]) for i in (0, 1))
+        peaks = {name: max(peak, matmul_peak(dtypes[name])) for name, peak in peaks.items()}
+        print(f"matmul peak ({args.threads} threads, the higher of before and after): "
+              + ", ".join(f"{name} {peak:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
         print(f"\n{case}: {ours['groups']} groups sampled, batch {args.batch}, max length "
               f"{args.max_length}, gradient checkpointing: {args.checkpointing}")
         print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
@@ -265,8 +282,8 @@ def main() -> int:
                   f"{result['peak_mib']:9.0f} {result['gflops'] / peaks[result['dtype']]:7.1%} {result['dtype']}")
         print(f"chatrlhf/TRL training pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
         if args.repeats > 1:
-            print("each run's ratio: " + ", ".join(f"{o['pairs_per_s'] / t['pairs_per_s']:.2f}x" for o, t in runs)
-                  + f"; above, each side's fastest of {args.repeats}")
+            print("each run's ratio: " + ", ".join(f"{pairs_per_s(o) / pairs_per_s(t):.2f}x" for o, t in runs)
+                  + f"; above, each step's fastest of {args.repeats} runs")
         scoring = in_child(args, "scoring")
         print(f"scoring {scoring['replies']} replies: plain transformers {scoring['plain']:.1f} s, "
               f"chatrlhf {scoring['chatrlhf']:.1f} s, {scoring['plain'] / scoring['chatrlhf']:.2f}x")

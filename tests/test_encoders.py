@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatrlhf import models
+from chatrlhf import encoders, models
 from chatrlhf.data.batching import Group, collate, tokenize_groups
 from chatrlhf.encoders import encoder_layers, packed
 from conftest import separable_pairs
@@ -54,7 +54,11 @@ def nonzero_head(model):
 
 @pytest.mark.parametrize("lora,attention,checkpointing", [(0, "sdpa", False), (0, "eager", False),
                                                          (4, "sdpa", False), (0, "sdpa", True)])
-def test_bert_packed_equals_plain_forward(tiny_bert, lora, attention, checkpointing):
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded-rows"])
+def test_bert_packed_equals_plain_forward(tiny_bert, lora, attention, checkpointing, per_sequence, monkeypatch):
+    # padded-rows: the attention GPUs take (one kernel on padded rows), run here on CPU.
+    if not per_sequence:
+        monkeypatch.setattr(encoders, "PER_SEQUENCE_DEVICES", ())
     model, tokenizer = models.load_reward_model(tiny_bert, {"r": lora, "lora_alpha": 8} if lora else None,
                                                 dropout=False)
     model.set_attn_implementation(attention)
@@ -78,6 +82,9 @@ def test_attention_dropout_applies_as_in_the_plain_forward(tiny_bert):
     for attention in attentions:
         attention.dropout.p = 1.0
     assert_same(model, batch)
+    with pytest.MonkeyPatch.context() as patch:  # the padded rows GPUs take, on CPU
+        patch.setattr(encoders, "PER_SEQUENCE_DEVICES", ())
+        assert_same(model, batch)
     for attention in attentions:
         attention.dropout.p = 0.5
     torch.manual_seed(0)

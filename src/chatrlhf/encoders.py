@@ -11,7 +11,8 @@ forward up to rounding (tests/test_encoders.py):
   tokens); on HH pairs with MiniLM attention takes about 30% less time than the flash kernel
   on length-sorted chunks of 8 padded rows did, and a training step 7% less. It keeps each
   sequence's attention weights for the backward, which the flash kernel recomputes: more
-  memory (README, Speed).
+  memory (README, Speed). On other devices (GPUs), where a loop over sequences would mostly
+  launch small kernels, attention runs one fused kernel on the sequences padded into rows.
 - **First token only in the last layer.** A BERT-like sequence classifier reads its score off the
   first token ([CLS]) of the last layer: that layer computes the first token's query, attention
   output and feed-forward block only, attending over every token as before. Even the keys and
@@ -37,6 +38,8 @@ from torch.utils.checkpoint import checkpoint
 
 # Sequence classifiers whose head reads the first token of the last layer only.
 FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "electra")
+# Devices where each sequence attends on its own (``_attend``); elsewhere one kernel on padded rows.
+PER_SEQUENCE_DEVICES = ("cpu",)
 
 
 def encoder_layers(model):
@@ -106,13 +109,21 @@ def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Self-attention of packed tokens (tokens, H), each sequence on its own; returns (tokens, H).
-    A sequence's attention is two batched matmuls over its heads and a softmax (in float32, as in
-    the flash kernel, also under bf16 autocast); the per-sequence tensors are views."""
+    On CPU a sequence's attention is two batched matmuls over its heads and a softmax (in float32,
+    as in the flash kernel, also under bf16 autocast); the per-sequence tensors are views. On other
+    devices a loop over sequences would mostly launch small kernels: there the sequences are padded
+    into rows for one fused attention kernel (not measured here: no GPU to measure on)."""
     attention = layer.attention.self
     heads = attention.num_attention_heads
     dropout = attention.dropout.p if attention.training else 0.0
     query, key, value = (part(hidden).unflatten(1, (heads, -1))
                          for part in (attention.query, attention.key, attention.value))
+    if hidden.device.type not in PER_SEQUENCE_DEVICES:
+        rows = plan.rows
+        query, key, value = (_heads(rows.unpack(part.flatten(1)), heads) for part in (query, key, value))
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=rows.mask, dropout_p=dropout,
+                                                 scale=attention.scaling)
+        return rows.pack(context.transpose(1, 2).flatten(2))
     queries = (query * attention.scaling).transpose(0, 1).split(plan.lengths, 1)  # (heads, T, d) each
     keys = key.permute(1, 2, 0).split(plan.lengths, 2)  # (heads, d, T)
     values = value.transpose(0, 1).split(plan.lengths, 1)
