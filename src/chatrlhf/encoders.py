@@ -116,14 +116,14 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     attention = layer.attention.self
     heads = attention.num_attention_heads
     dropout = attention.dropout.p if attention.training else 0.0
-    query, key, value = (part(hidden).unflatten(1, (heads, -1))
-                         for part in (attention.query, attention.key, attention.value))
+    projections = [part(hidden) for part in (attention.query, attention.key, attention.value)]  # (T, H) each
     if hidden.device.type not in PER_SEQUENCE_DEVICES:
         rows = plan.rows
-        query, key, value = (_heads(rows.unpack(part.flatten(1)), heads) for part in (query, key, value))
+        query, key, value = (_heads(rows.unpack(part), heads) for part in projections)
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=rows.mask, dropout_p=dropout,
                                                  scale=attention.scaling)
         return rows.pack(context.transpose(1, 2).flatten(2))
+    query, key, value = (part.unflatten(1, (heads, -1)) for part in projections)
     queries = (query * attention.scaling).transpose(0, 1).split(plan.lengths, 1)  # (heads, T, d) each
     keys = key.permute(1, 2, 0).split(plan.lengths, 2)  # (heads, d, T)
     values = value.transpose(0, 1).split(plan.lengths, 1)
