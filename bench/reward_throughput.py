@@ -174,11 +174,9 @@ def our_scoring(backbone: str, groups) -> float:
 
 
 def summarize(steps: list[dict], params: int, dtype: str) -> dict:
-    """One run of one side: each step's seconds, and the work of all of them."""
-    tokens = sum(s["tokens"] for s in steps)
+    """One run of one side: each step's seconds and real tokens, and the pairs of all of them."""
     return {"seconds": [s["seconds"] for s in steps], "step_tokens": [s["tokens"] for s in steps],
-            "tokens": tokens, "pairs": sum(s["pairs"] for s in steps),
-            "flops": 6 * params * tokens, "peak_mib": peak_mib(), "dtype": dtype}
+            "pairs": sum(s["pairs"] for s in steps), "params": params, "peak_mib": peak_mib(), "dtype": dtype}
 
 
 def fastest(runs: list[dict]) -> dict:
@@ -187,8 +185,9 @@ def fastest(runs: list[dict]) -> dict:
         raise RuntimeError("the runs of one side took different steps; their times cannot be compared step by step")
     seconds = sum(map(min, zip(*(r["seconds"] for r in runs))))
     run = runs[0]
-    return {**run, "pairs_per_s": run["pairs"] / seconds, "tokens_per_s": run["tokens"] / seconds,
-            "gflops": run["flops"] / seconds / 1e9, "peak_mib": max(r["peak_mib"] for r in runs)}
+    tokens = sum(run["step_tokens"])
+    return {**run, "pairs_per_s": run["pairs"] / seconds, "tokens_per_s": tokens / seconds,
+            "gflops": 6 * run["params"] * tokens / seconds / 1e9, "peak_mib": max(r["peak_mib"] for r in runs)}
 
 
 def pairs_per_s(run: dict) -> float:

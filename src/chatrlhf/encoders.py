@@ -118,11 +118,9 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     dropout = attention.dropout.p if attention.training else 0.0
     projections = [part(hidden) for part in (attention.query, attention.key, attention.value)]  # (T, H) each
     if hidden.device.type not in PER_SEQUENCE_DEVICES:
-        rows = plan.rows
-        query, key, value = (_heads(rows.unpack(part), heads) for part in projections)
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=rows.mask, dropout_p=dropout,
-                                                 scale=attention.scaling)
-        return rows.pack(context.transpose(1, 2).flatten(2))
+        query, key, value = projections
+        context = _padded_attention(attention, _heads(plan.rows.unpack(query), heads), key, value, plan.rows, dropout)
+        return plan.rows.pack(context.transpose(1, 2).flatten(2))
     query, key, value = (part.unflatten(1, (heads, -1)) for part in projections)
     queries = (query * attention.scaling).transpose(0, 1).split(plan.lengths, 1)  # (heads, T, d) each
     keys = key.permute(1, 2, 0).split(plan.lengths, 2)  # (heads, d, T)
@@ -134,6 +132,14 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
             weights = F.dropout(weights, dropout)
         out.append(torch.bmm(weights, v))
     return torch.cat(out, 1).transpose(0, 1).flatten(1)
+
+
+def _padded_attention(attention, query, key, value, rows: Rows, dropout: float) -> torch.Tensor:
+    """One fused attention kernel on zero-padded rows: query (count, heads, queries, d), key and
+    value packed tokens (tokens, H) -> (count, heads, queries, d)."""
+    key, value = (_heads(rows.unpack(part), attention.num_attention_heads) for part in (key, value))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=rows.mask, dropout_p=dropout,
+                                          scale=attention.scaling)
 
 
 def _packed_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -155,9 +161,7 @@ def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     if all(type(p) is torch.nn.Linear and p.bias is not None for p in projections):  # not under LoRA
         context = _attend_through_projections(attention, query[:, :, 0], rows.unpack(hidden), rows.mask, dropout)
     else:
-        key, value = (_heads(rows.unpack(part(hidden)), heads) for part in projections)
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=rows.mask, dropout_p=dropout,
-                                                 scale=attention.scaling)
+        context = _padded_attention(attention, query, *(part(hidden) for part in projections), rows, dropout)
     attended = layer.attention.output(context.transpose(1, 2).flatten(2), first)
     return layer.output(layer.intermediate(attended), attended)
 
