@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import models, training
@@ -79,7 +80,7 @@ def peak_mib() -> float:
 
 def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     config = cfg_lib.load(RewardConfig, None, {
-        "model": {"name": backbone, "max_length": args.max_length},
+        "model": {"name": backbone, "max_length": args.max_length, "dropout": args.dropout},
         "data": {"train": str(data_file), "allow_empty": True},
         "train": {"output_dir": str(workdir / "chatrlhf"), "epochs": 1,
                   "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0,
@@ -109,7 +110,7 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
     from trl import RewardConfig as TRLConfig
     from trl import RewardTrainer
 
-    model, tokenizer = models.load_reward_model(backbone)
+    model, tokenizer = stock_reward_model(backbone)
     rows = []
     for group in groups:  # every ordered pair of every group, as TRL users expand rankings
         for i in range(len(group.replies)):
@@ -129,7 +130,7 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
                               num_train_epochs=1, learning_rate=1e-5, report_to=[], save_strategy="no",
                               logging_strategy="no", max_length=None, use_cpu=True, bf16=args.precision == "bf16",
                               gradient_checkpointing=args.checkpointing != "off",
-                              dataloader_num_workers=0, disable_tqdm=True)
+                              dataloader_num_workers=0, disable_tqdm=True, disable_dropout=not args.dropout)
     trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
     collator = trainer.data_collator
@@ -153,10 +154,19 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
     return summarize(steps, non_embedding_parameters(model), "bf16" if args.precision == "bf16" else "fp32")
 
 
+def stock_reward_model(backbone: str):
+    """The backbone as plain transformers loads it, with PyTorch's own dropout layers."""
+    tokenizer = models.load_tokenizer(backbone)
+    model = AutoModelForSequenceClassification.from_pretrained(models.resolve(backbone), num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 @torch.inference_mode()
 def plain_scoring(backbone: str, groups) -> float:
     """Seconds to score every reply with plain transformers: batches of 32 in file order."""
-    model, tokenizer = models.load_reward_model(backbone)
+    model, tokenizer = stock_reward_model(backbone)
     model.eval()
     sequences = [ids for g in groups for ids in g.input_ids]
     start = time.perf_counter()
@@ -245,6 +255,8 @@ def main() -> int:
     parser.add_argument("--checkpointing", choices=["default", "on", "off"], default="default",
                         help="gradient checkpointing on both sides, off on both, or each side's default "
                              "(TRL: on, chatrlhf: off)")
+    parser.add_argument("--dropout", action="store_true", help="keep the backbone's dropout on both sides (both "
+                        "turn it off by default); TRL runs PyTorch's dropout layers, chatrlhf its own")
     parser.add_argument("--score-groups", type=int, default=400, help="groups scored in the scoring test")
     parser.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating, "
                         "and time each side by each step's fastest run")
@@ -274,7 +286,7 @@ def main() -> int:
         print(f"matmul peak ({args.threads} threads, the higher of before and after): "
               + ", ".join(f"{name} {peak:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
         print(f"\n{case}: {ours['groups']} groups sampled, batch {args.batch}, max length "
-              f"{args.max_length}, gradient checkpointing: {args.checkpointing}")
+              f"{args.max_length}, gradient checkpointing: {args.checkpointing}, dropout: {'on' if args.dropout else 'off'}")
         print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
         for name, result in (("TRL", theirs), ("chatrlhf", ours)):
             print(f"{name:10} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "

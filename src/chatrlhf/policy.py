@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from chatrlhf import models
 from chatrlhf.data.records import Prompt
+from chatrlhf.dropout import use_fast_dropout
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -34,7 +35,8 @@ def load_policy(name_or_path: str, lora: dict | None = None, dtype=torch.float32
             A folder saved with an ``adapter/`` subfolder is reloaded with its adapter.
         dropout: False sets the model's dropout to 0 (LoRA's own dropout is kept).
     Returns:
-        (model, tokenizer); the tokenizer has a pad token (EOS when it had none).
+        (model, tokenizer); the tokenizer has a pad token (EOS when it had none). The model's
+        dropout layers draw their coins faster on CPU (``chatrlhf.dropout``).
     """
     path = models.resolve(name_or_path)
     tokenizer = models.load_tokenizer(name_or_path)
@@ -47,11 +49,12 @@ def load_policy(name_or_path: str, lora: dict | None = None, dtype=torch.float32
     if adapter.exists():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, adapter, is_trainable=lora is not None), tokenizer
-    if lora:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=lora is not None)
+    elif lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **lora))
+    use_fast_dropout(model)
     return model, tokenizer
 
 
