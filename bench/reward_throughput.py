@@ -80,7 +80,7 @@ def peak_mib() -> float:
 
 def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     config = cfg_lib.load(RewardConfig, None, {
-        "model": {"name": backbone, "max_length": args.max_length, "dropout": args.dropout},
+        "model": {"name": backbone, "max_length": args.max_length, "dropout": args.dropout, "lora_r": args.lora},
         "data": {"train": str(data_file), "allow_empty": True},
         "train": {"output_dir": str(workdir / "chatrlhf"), "epochs": 1,
                   "batch_size": args.batch, "lr": 1e-5, "warmup_ratio": 0.0,
@@ -131,8 +131,13 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
                               logging_strategy="no", max_length=None, use_cpu=True, bf16=args.precision == "bf16",
                               gradient_checkpointing=args.checkpointing != "off",
                               dataloader_num_workers=0, disable_tqdm=True, disable_dropout=not args.dropout)
+    lora = cfg_lib.ModelConfig(lora_r=args.lora).lora()  # chatrlhf's LoRA defaults, for both sides
+    if lora:
+        from peft import LoraConfig, TaskType
+
+        lora = LoraConfig(task_type=TaskType.SEQ_CLS, **lora)
     trainer = RewardTrainer(model=model, args=training_args, processing_class=tokenizer,
-                            train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
+                            train_dataset=Dataset.from_list(rows), callbacks=[Timer()], peft_config=lora)
     collator = trainer.data_collator
 
     def counting_collator(examples):
@@ -257,6 +262,9 @@ def main() -> int:
                              "(TRL: on, chatrlhf: off)")
     parser.add_argument("--dropout", action="store_true", help="keep the backbone's dropout on both sides (both "
                         "turn it off by default); TRL runs PyTorch's dropout layers, chatrlhf its own")
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA of rank R on both sides, with "
+                        "chatrlhf's defaults (alpha 16, dropout 0.05, every linear map); MFU still counts 6 x "
+                        "parameters x tokens, as for full training")
     parser.add_argument("--score-groups", type=int, default=400, help="groups scored in the scoring test")
     parser.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating, "
                         "and time each side by each step's fastest run")
@@ -286,7 +294,8 @@ def main() -> int:
         print(f"matmul peak ({args.threads} threads, the higher of before and after): "
               + ", ".join(f"{name} {peak:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
         print(f"\n{case}: {ours['groups']} groups sampled, batch {args.batch}, max length "
-              f"{args.max_length}, gradient checkpointing: {args.checkpointing}, dropout: {'on' if args.dropout else 'off'}")
+              f"{args.max_length}, gradient checkpointing: {args.checkpointing}, dropout: {'on' if args.dropout else 'off'}"
+              + (f", LoRA rank {args.lora}" if args.lora else ""))
         print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
         for name, result in (("TRL", theirs), ("chatrlhf", ours)):
             print(f"{name:10} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "
