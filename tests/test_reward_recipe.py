@@ -56,9 +56,11 @@ def test_saved_model_gives_the_same_scores_in_plain_transformers(tmp_path, tiny_
         assert rewards == pytest.approx(expected, abs=1e-5)
 
 
-def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_bert, monkeypatch):
+@pytest.mark.parametrize("dropout", [False, True], ids=["dropout-off", "dropout-on"])
+def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_bert, monkeypatch, dropout):
+    # With dropout on, the resumed steps must also draw the masks the whole run drew.
     rows = separable_pairs(48, seed=4)
-    settings = ("train.max_steps=6", "train.save_every=3", "train.epochs=2")
+    settings = ("train.max_steps=6", "train.save_every=3", "train.epochs=2", f"model.dropout={str(dropout).lower()}")
     whole = log(train(tmp_path, tiny_bert, rows, *settings, name="whole"))
 
     with crash_after_checkpoint(monkeypatch, reward, at_step=3):
