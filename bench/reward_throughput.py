@@ -18,7 +18,8 @@ the CPU computes it natively). Each
 side runs in its own child process, so its peak resident memory is its own. Scoring is compared
 too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
 user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
-token-budget batches. ``--repeats N`` runs both sides N times, alternating, and times each side
+token-budget batches. ``--dropout`` keeps the backbone's dropout on both sides, ``--lora R``
+trains LoRA adapters on both (chatrlhf's defaults; TRL through its ``peft_config``). ``--repeats N`` runs both sides N times, alternating, and times each side
 by each step's fastest run (every run takes the same steps on the same batches): on a shared
 machine the speed drifts by more than a few percent, in bursts. The matmul peak is measured
 before and after the runs and the higher kept, for the same reason.
@@ -130,7 +131,9 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
                               num_train_epochs=1, learning_rate=1e-5, report_to=[], save_strategy="no",
                               logging_strategy="no", max_length=None, use_cpu=True, bf16=args.precision == "bf16",
                               gradient_checkpointing=args.checkpointing != "off",
-                              dataloader_num_workers=0, disable_tqdm=True, disable_dropout=not args.dropout)
+                              dataloader_num_workers=0, disable_tqdm=True, disable_dropout=False)
+    if not args.dropout:  # here, not by TRL's disable_dropout, which would also zero LoRA's dropout
+        models.disable_dropout(model)
     lora = cfg_lib.ModelConfig(lora_r=args.lora).lora()  # chatrlhf's LoRA defaults, for both sides
     if lora:
         from peft import LoraConfig, TaskType
@@ -261,7 +264,8 @@ def main() -> int:
                         help="gradient checkpointing on both sides, off on both, or each side's default "
                              "(TRL: on, chatrlhf: off)")
     parser.add_argument("--dropout", action="store_true", help="keep the backbone's dropout on both sides (both "
-                        "turn it off by default); TRL runs PyTorch's dropout layers, chatrlhf its own")
+                        "turn it off by default; LoRA's own dropout stays on both); TRL runs PyTorch's dropout "
+                        "layers, chatrlhf its own")
     parser.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA of rank R on both sides, with "
                         "chatrlhf's defaults (alpha 16, dropout 0.05, every linear map); MFU still counts 6 x "
                         "parameters x tokens, as for full training")
