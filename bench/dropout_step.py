@@ -6,7 +6,8 @@
 The same model trains on the same HH batches (MiniLM, batch 16, max length 256); each batch's
 step runs once with each dropout, alternating, ``--repeats`` times, and each side is timed by
 each step's fastest run. The reference swaps ``chatrlhf.dropout.dropout`` (every dropout layer
-and the encoders' attention dropout call it) for ``torch.nn.functional.dropout``.
+of a loaded model calls it, the encoders' attention dropout included) for
+``torch.nn.functional.dropout``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import dropout as dropout_lib
-from chatrlhf import encoders
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import save
 from chatrlhf.data.batching import bucketed_batches, collate
@@ -37,7 +37,7 @@ def pytorch_dropout(x, p, training=True, inplace=False):
 
 
 def use(function) -> None:
-    dropout_lib.dropout = encoders.fast_dropout = function
+    dropout_lib.dropout = function
 
 
 def main() -> int:

@@ -19,8 +19,9 @@ side runs in its own child process, so its peak resident memory is its own. Scor
 too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
 user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
 token-budget batches. ``--dropout`` keeps the backbone's dropout on both sides, ``--lora R``
-trains LoRA adapters on both (chatrlhf's defaults; TRL through its ``peft_config``). ``--repeats N`` runs both sides N times, alternating, and times each side
-by each step's fastest run (every run takes the same steps on the same batches): on a shared
+trains LoRA adapters on both (chatrlhf's defaults; TRL through its ``peft_config``).
+``--repeats N`` runs both sides N times, alternating, and times each side by each step's fastest
+run (every run takes the same steps on the same batches): on a shared
 machine the speed drifts by more than a few percent, in bursts. The matmul peak is measured
 before and after the runs and the higher kept, for the same reason.
 Needs the benchmark extra: pip install -e '.[bench]'.

@@ -36,8 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from chatrlhf.dropout import dropout as fast_dropout
-
 # Sequence classifiers whose head reads the first token of the last layer only.
 FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "electra")
 # Devices where each sequence attends on its own (``_attend``); elsewhere one kernel on padded rows.
@@ -131,7 +129,7 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     for q, k, v in zip(queries, keys, values):
         weights = torch.bmm(q, k).softmax(-1, dtype=torch.float32).type_as(v)
         if dropout:
-            weights = fast_dropout(weights, dropout)
+            weights = attention.dropout(weights)  # chatrlhf's CPU dropout where it loaded the model
         out.append(torch.bmm(weights, v))
     return torch.cat(out, 1).transpose(0, 1).flatten(1)
 
@@ -180,7 +178,7 @@ def _attend_through_projections(attention, query, hidden, mask, dropout: float) 
     scores = (keys_of_query @ hidden.transpose(1, 2) + key_bias) * attention.scaling  # (B, heads, T)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
-    weights = fast_dropout(scores.softmax(-1), dropout)
+    weights = attention.dropout(scores.softmax(-1))
     context = torch.einsum("bhi,hdi->bhd", weights @ hidden, attention.value.weight.view(heads, -1, width))
     value_bias = attention.value.bias.view(heads, -1)
     if dropout:
