@@ -227,6 +227,7 @@ def load_groups(backbone: str, data_file: Path, max_length: int, count: int):
 def side(args) -> dict:
     """One side of one case, run in this (child) process."""
     backbone, data_file = CASES[args.case]
+    training.keep_freed_memory()  # as the chatrlhf command does; the same for TRL's side
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         count = args.score_groups if args.side == "scoring" else args.steps * args.batch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatrlhf import serve
+from chatrlhf import serve, training
 from chatrlhf.data import cli as data_cli
 from chatrlhf.recipes import dpo, label, ppo, reward, sft
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
+    training.keep_freed_memory()
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
