@@ -41,8 +41,8 @@ def keep_freed_memory() -> bool:
     to the system: buffers up to 2 GiB come from the heap, which is never trimmed. By default
     glibc maps each buffer over 32 MiB afresh and unmaps it when freed, and trims the heap's free
     top, so every training step pays page faults on the activation buffers it freed the step
-    before: about 10% of a MiniLM reward step on 2 CPU cores (README, Speed). The process keeps
-    its peak memory instead, as PyTorch's GPU caching allocator does.
+    before: a fifth of a smollm2 SFT step and 3% of a MiniLM reward step on 2 CPU cores (README,
+    Speed). The process keeps its peak memory instead, as PyTorch's GPU caching allocator does.
 
     The ``chatrlhf`` command calls this at start; library users may call it once. Returns whether
     it applied: not on other C libraries, nor where the user set any of ``MALLOPT``'s variables
