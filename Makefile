@@ -4,12 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# glibc returns freed memory to the system eagerly; training allocates the same large
-# activation buffers every step, so keeping them avoids page faults. The chatrlhf command sets
-# the same itself (training.keep_freed_memory); these also cover the tests.
-export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
-export MALLOC_TOP_PAD_ ?= 1073741824
-export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 
 .PHONY: setup demo test
 setup: $(VENV)/.installed

@@ -17,6 +17,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WORDS = "the a of to and in is it that was for on are with as at be this have from".split()
 
 
+def pytest_configure(config):
+    """Keep freed memory for reuse, as the chatrlhf command does: the tests' training steps
+    would otherwise page-fault their buffers again every step."""
+    from chatrlhf import training
+
+    training.keep_freed_memory()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, width-32 BERT with the real MiniLM tokenizer, saved as a local folder."""

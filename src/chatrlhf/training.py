@@ -26,8 +26,10 @@ from chatrlhf import models
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
-# glibc's mallopt(3) parameters and the environment variables that set them at start-up.
-MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_THRESHOLD_": -3}
+# keep_freed_memory's settings: the environment variable that sets each at start-up, and its
+# glibc mallopt(3) parameter and value (at most 2**31 - 1: mallopt takes a C int).
+MALLOPT = {"MALLOC_TRIM_THRESHOLD_": (-1, 2**31 - 1), "MALLOC_TOP_PAD_": (-2, 2**30),
+           "MALLOC_MMAP_THRESHOLD_": (-3, 2**31 - 1)}
 
 
 def seed_everything(seed: int) -> None:
@@ -44,9 +46,9 @@ def keep_freed_memory() -> bool:
     before: a fifth of a smollm2 SFT step and 3% of a MiniLM reward step on 2 CPU cores (README,
     Speed). The process keeps its peak memory instead, as PyTorch's GPU caching allocator does.
 
-    The ``chatrlhf`` command calls this at start; library users may call it once. Returns whether
-    it applied: not on other C libraries, nor where the user set any of ``MALLOPT``'s variables
-    or malloc tunables in ``GLIBC_TUNABLES`` (theirs win)."""
+    The ``chatrlhf`` command, the throughput benchmark and the tests call this at start; library
+    users may call it once. Returns whether it applied: not on other C libraries, nor where the
+    user set any of ``MALLOPT``'s variables or malloc tunables in ``GLIBC_TUNABLES`` (theirs win)."""
     if any(name in os.environ for name in MALLOPT) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
@@ -54,9 +56,7 @@ def keep_freed_memory() -> bool:
         libc.gnu_get_libc_version  # glibc, whose mallopt takes these parameters
     except (OSError, AttributeError):
         return False
-    largest = 2**31 - 1  # mallopt takes a C int
-    values = {"MALLOC_TRIM_THRESHOLD_": largest, "MALLOC_TOP_PAD_": 1 << 30, "MALLOC_MMAP_THRESHOLD_": largest}
-    return all(libc.mallopt(MALLOPT[name], value) == 1 for name, value in values.items())
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in MALLOPT.values())
 
 
 def native_bf16() -> bool:
