@@ -29,11 +29,13 @@ for _ in range(10):
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
+# Where the user sets any of these, keep_freed_memory leaves malloc as the user set it.
+USER_SETTINGS = [*training.MALLOPT, "GLIBC_TUNABLES"]
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's malloc")
 
 
 def page_faults(mode: str) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k not in training.MALLOPT and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
     done = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, check=True)
     applied, faults = done.stdout.split()
     return applied, int(faults)
@@ -54,7 +56,7 @@ def test_freed_buffers_are_reused_without_page_faults():
 @pytest.mark.parametrize("name, value", [("MALLOC_TRIM_THRESHOLD_", "0"),
                                          ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")])
 def test_the_users_own_malloc_settings_win(monkeypatch, name, value):
-    for other in [*training.MALLOPT, "GLIBC_TUNABLES"]:
+    for other in USER_SETTINGS:
         monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(name, value)
     assert training.keep_freed_memory() is False
