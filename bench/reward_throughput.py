@@ -6,7 +6,11 @@
 Both train the same backbone, max length, batch size and threads, one epoch over the same data:
 a seeded random sample of the file, as many groups as ``--steps`` batches of chatrlhf (its
 batches are groups, TRL's are pairs). Each side first runs one untimed forward and backward on
-the same batch (warm-up), then every step of the epoch is timed. TRL is
+a batch of the data's longest groups (pairs for TRL), then every step of the epoch is timed. The
+warm-up grows each process's heap to about its peak, as the first steps of a long run do: a step
+that needs more memory than any before it pays a page fault for every 4 KiB it touches first
+(the largest of smollm2's 5 steps spent a third of its forward on them on the 2-core machine,
+which a longer run pays once). TRL is
 fed ids already cut the way chatrlhf cuts them (prompt from the left, alike for a group's
 replies), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded, as its users
 must do. Printed per case: pairs/s, real tokens/s, peak memory, model-FLOPs utilisation against
@@ -92,7 +96,8 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     })
     run = reward.setup(config)
     reward.save_checkpoint = lambda run, step: None  # timing the steps, not the saving
-    warm_up = collate(run.train_groups[:args.batch], run.tokenizer.pad_token_id)
+    largest = sorted(run.train_groups, key=lambda g: g.num_tokens)[-args.batch:]  # see the module's docstring
+    warm_up = collate(largest, run.tokenizer.pad_token_id)
     run.model.train()  # as in training: gradient checkpointing acts in training mode only
     with run.accelerator.autocast():
         rewards = reward.forward_rewards(run.model, warm_up, config.train.share_prompt,
@@ -150,7 +155,7 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
         return batch
 
     trainer.data_collator = counting_collator
-    warm_up = collator(rows[:args.batch])
+    warm_up = collator(sorted(rows, key=lambda r: len(r["chosen_ids"]) + len(r["rejected_ids"]))[-args.batch:])
     trainer.model.train()
     if training_args.gradient_checkpointing:  # the Trainer turns it on in train(); so must the warm-up
         trainer.model.gradient_checkpointing_enable(training_args.gradient_checkpointing_kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatrlhf import models
+from chatrlhf import models, sharing
 from chatrlhf.data.batching import collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, Ranking
 from chatrlhf.sharing import common_prefix, is_decoder, pack, shared_prompt_rewards, split_groups
@@ -37,8 +37,10 @@ def batch_of(tokenizer, records, max_length=64):
     return collate(groups, tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("lora,attention", [(0, "sdpa"), (4, "sdpa"), (0, "eager")])
-def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention):
+@pytest.mark.parametrize("lora,attention,layout", [(0, "sdpa", "groups"), (4, "sdpa", "groups"), (0, "eager", "groups"),
+                                                  (0, "sdpa", "rows"), (4, "sdpa", "rows"), (0, "eager", "rows"),
+                                                  (0, "sdpa", "checkpointing")])
+def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention, layout, monkeypatch):
     model, tokenizer = models.load_reward_model(tiny_llama, {"r": lora, "lora_alpha": 8} if lora else None)
     model.set_attn_implementation(attention)
     torch.manual_seed(1)
@@ -59,9 +61,18 @@ def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention):
     model.train()
     separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     separate_grads = torch.autograd.grad(separate.square().sum(), [p for p in model.parameters() if p.requires_grad])
+    if layout == "rows":  # as on devices other than the CPU
+        monkeypatch.setattr(sharing, "PER_GROUP_DEVICES", ())
+    if layout == "checkpointing":  # its backward recomputes the layers: rows
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = model.get_base_model() if lora else model
+    assert sharing.attends_per_group(base.model, batch["input_ids"].device) == (layout == "groups")
+    feed_forward_rows = []  # the last layer's feed-forward block computes the rewards' tokens only
+    base.model.layers[-1].mlp.down_proj.register_forward_hook(lambda m, args, out: feed_forward_rows.append(out.shape[1]))
     # All groups in one packed forward, then sorted by length in chunks of at least 2 sequences
-    # (here 2, 2 and 3 replies: three forwards, the rewards put back in the batch's order).
-    for rows_per_forward in (0, 2):
+    # (here 2, 3 and 2 replies: three forwards, the rewards put back in the batch's order).
+    for rows_per_forward, chunks in ((0, [7]), (2, [2, 3, 2])):
+        feed_forward_rows.clear()
         shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
                                        tokenizer.pad_token_id, rows_per_forward)
         shared_grads = torch.autograd.grad(shared.square().sum(),
@@ -69,6 +80,17 @@ def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention):
         torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
         for a, b in zip(shared_grads, separate_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        if layout == "groups":
+            assert feed_forward_rows == chunks
+    assert model.config._attn_implementation == attention  # put back after each forward
+
+
+def test_group_attention_runs_in_shared_forwards_only(tiny_llama):
+    model, tokenizer = models.load_reward_model(tiny_llama)
+    model.config._attn_implementation = sharing.GROUP_ATTENTION
+    batch = batch_of(tokenizer, [Pair(prompt="hi", chosen="good", rejected="bad")])
+    with pytest.raises(RuntimeError, match="shared_prompt_rewards only"):
+        model(input_ids=batch["input_ids"])
 
 
 def test_encoders_are_not_shared(tiny_bert):
