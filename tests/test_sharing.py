@@ -85,6 +85,27 @@ def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention, lay
     assert model.config._attn_implementation == attention  # put back after each forward
 
 
+@pytest.mark.parametrize("window, layout", [(64, "groups"), (8, "rows")])
+def test_a_sliding_window_longer_than_every_sequence_keeps_single_rows(tiny_llama, window, layout):
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    _, tokenizer = models.load_reward_model(tiny_llama)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window, num_labels=1,
+                           pad_token_id=tokenizer.pad_token_id)
+    model = MistralForSequenceClassification(config).eval()
+    batch = batch_of(tokenizer, [Pair(prompt="the a of to and in is", chosen="good it was", rejected="bad"),
+                                 Ranking(prompt="w5 w6", replies=["good w7", "w8", "bad bad w9 w10"], ranks=[0, 1, 2])])
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert 8 < longest < 64
+    assert sharing.attends_per_group(model.model, batch["input_ids"].device, longest) == (layout == "groups")
+    separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
+                                   tokenizer.pad_token_id)
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
+
+
 def test_group_attention_runs_in_shared_forwards_only(tiny_llama):
     model, tokenizer = models.load_reward_model(tiny_llama)
     model.config._attn_implementation = sharing.GROUP_ATTENTION

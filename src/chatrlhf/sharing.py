@@ -79,9 +79,11 @@ class Packed:
     reward_at: list[tuple[int, int]] = field(default_factory=list)  # (row, column) per reply
 
 
-def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int) -> Packed:
+def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int,
+         window: int | None = None) -> Packed:
     """Pack each group as prefix + its suffixes, groups placed first-fit (longest first) into
-    rows as wide as the longest group."""
+    rows as wide as the longest group. ``window``: a sliding window (Mistral's), applied to the
+    tokens' positions as the model applies it to a separate sequence's."""
     lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
     width = max(lengths)
     rows: list[list[int]] = []  # group indices per row
@@ -122,9 +124,12 @@ def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int
     causal = index[:, None] >= index[None, :]
     same_group = (group_of[:, :, None] == group_of[:, None, :]) & (group_of[:, None, :] >= 0)
     visible = (reply_of[:, None, :] == -1) | (reply_of[:, :, None] == reply_of[:, None, :])
+    allowed = causal & same_group & visible
+    if window is not None:  # (a 4D mask is used as given: the model adds no window to it)
+        allowed &= positions[:, :, None] - positions[:, None, :] < window
     # Padding sees itself only: a query that may attend to nothing would give NaN, and NaN
     # times a zero gradient is still NaN in the weights' gradients.
-    allowed = (causal & same_group & visible) | torch.eye(width, dtype=torch.bool)
+    allowed |= torch.eye(width, dtype=torch.bool)
     return Packed(ids, positions, allowed[:, None], [at for g in range(len(lengths)) for at in reward_at[g]])
 
 
@@ -154,6 +159,7 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     body = getattr(base, base.base_model_prefix)
     prefixes, suffixes = split_groups(input_ids, attention_mask, group_sizes)
     per_group = attends_per_group(body, input_ids.device, int(attention_mask.sum(1).max()))
+    window = getattr(body.config, "sliding_window", None)
     lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     starts = list(accumulate(group_sizes, initial=0))
@@ -171,7 +177,7 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
         if per_group:
             pieces.append(_grouped_rewards(base, body, chunk_prefixes, chunk_suffixes, input_ids.device))
         else:
-            pieces.append(_packed_rewards(base, body, pack(chunk_prefixes, chunk_suffixes, pad_id), input_ids.device))
+            pieces.append(_packed_rewards(base, body, pack(chunk_prefixes, chunk_suffixes, pad_id, window), input_ids.device))
         positions += [starts[g] + k for g in chunk for k in range(group_sizes[g])]
     return torch.cat(pieces)[torch.tensor(positions).argsort().to(input_ids.device)]
 
@@ -260,9 +266,13 @@ def _group_attention(module, query, key, value, attention_mask, scaling=None, dr
     itself. Returns ((1, T, heads, d), None) as the interface expects."""
     if chatrlhf_groups is None or query.shape[0] != 1:
         raise RuntimeError(f"the {GROUP_ATTENTION} attention runs within sharing.shared_prompt_rewards only")
-    unsupported = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
     if unsupported:
         raise ValueError(f"the {GROUP_ATTENTION} attention does not support {', '.join(unsupported)}")
+    window = kwargs.get("sliding_window")  # (Mistral passes its window) harmless when no sequence reaches it
+    if window is not None and max(prefix + max(replies) for prefix, replies in chatrlhf_groups) >= window:
+        raise ValueError(f"the {GROUP_ATTENTION} attention does not support a sliding window ({window} tokens) "
+                         f"shorter than a sequence; attends_per_group chooses padded rows for those")
     options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": query.shape[1] != key.shape[1]}
     out, start = [], 0
     for prefix, replies in chatrlhf_groups:
