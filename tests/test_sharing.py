@@ -37,6 +37,12 @@ def batch_of(tokenizer, records, max_length=64):
     return collate(groups, tokenizer.pad_token_id)
 
 
+def assert_shared_equals_separate(model, batch, pad_id):
+    separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"], pad_id)
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("lora,attention,layout", [(0, "sdpa", "groups"), (4, "sdpa", "groups"), (0, "eager", "groups"),
                                                   (0, "sdpa", "rows"), (4, "sdpa", "rows"), (0, "eager", "rows"),
                                                   (0, "sdpa", "checkpointing")])
@@ -100,10 +106,7 @@ def test_a_sliding_window_longer_than_every_sequence_keeps_single_rows(tiny_llam
     longest = int(batch["attention_mask"].sum(1).max())
     assert 8 < longest < 64
     assert sharing.attends_per_group(model.model, batch["input_ids"].device, longest) == (layout == "groups")
-    separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-    shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
-                                   tokenizer.pad_token_id)
-    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
+    assert_shared_equals_separate(model, batch, tokenizer.pad_token_id)
 
 
 def test_group_attention_runs_in_shared_forwards_only(tiny_llama):
@@ -135,10 +138,7 @@ def test_prompts_cut_to_fit_stay_shared(tiny_llama):
     assert batch["attention_mask"].sum(1).tolist() == [26, 32]  # both cut, the prompt alike
     prefixes, _ = split_groups(batch["input_ids"], batch["attention_mask"], batch["group_sizes"])
     assert len(prefixes[0]) == 25
-    separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-    shared = shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"],
-                                   tokenizer.pad_token_id)
-    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-4)
+    assert_shared_equals_separate(model, batch, tokenizer.pad_token_id)
 
 
 def test_scoring_shares_prompts_and_gives_the_separate_rewards(tiny_llama):
