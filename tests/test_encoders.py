@@ -70,6 +70,19 @@ def test_bert_packed_equals_plain_forward(tiny_bert, lora, attention, checkpoint
     assert_same(model, bert_batch(tokenizer))
 
 
+@pytest.mark.parametrize("lora", [0, 4])
+def test_query_key_value_run_as_one_matmul_unless_wrapped(tiny_bert, lora):
+    # Plain linear maps: one matmul over the stacked weights, the modules are not called (and the
+    # last layer computes no keys); under LoRA each module runs, the adapters with it.
+    model, tokenizer = models.load_reward_model(tiny_bert, {"r": lora, "lora_alpha": 8} if lora else None)
+    layers = encoder_layers(model)
+    calls = []
+    for layer in layers:
+        layer.attention.self.key.register_forward_hook(lambda *args: calls.append(1))
+    rewards_and_grads(model, bert_batch(tokenizer), True)
+    assert len(calls) == (len(layers) if lora else 0)
+
+
 def test_attention_dropout_applies_as_in_the_plain_forward(tiny_bert):
     # Attention dropout of 1 drops every attention weight: both forwards are deterministic, so the
     # packed one must match the plain (eager) one, value bias of the [CLS]-only last layer included.

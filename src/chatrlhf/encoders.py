@@ -19,6 +19,8 @@ forward up to rounding (tests/test_encoders.py):
   values of every token are not needed: the query goes through the key projection's weights
   instead, and the value projection is applied once to the attention-weighted tokens. On
   MiniLM (6 layers) that removes about a sixth of the compute.
+- **One matmul for the query, key and value projections** where they are plain linear maps: over
+  their stacked weights, 3x wider, which runs faster on CPU (1.3% of a MiniLM step on HH pairs).
 
 It applies to encoders with the BERT layer layout and absolute positions whose classification
 head reads the first token (BERT, RoBERTa, XLM-R, ELECTRA), on right-padded batches (as
@@ -116,7 +118,7 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     attention = layer.attention.self
     heads = attention.num_attention_heads
     dropout = attention.dropout.p if attention.training else 0.0
-    projections = [part(hidden) for part in (attention.query, attention.key, attention.value)]  # (T, H) each
+    projections = _projections(attention, hidden)  # (T, H) each
     if hidden.device.type not in PER_SEQUENCE_DEVICES:
         query, key, value = projections
         context = _padded_attention(attention, _heads(plan.rows.unpack(query), heads), key, value, plan.rows, dropout)
@@ -132,6 +134,23 @@ def _attend(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
             weights = attention.dropout(weights)  # chatrlhf's CPU dropout where it loaded the model
         out.append(torch.bmm(weights, v))
     return torch.cat(out, 1).transpose(0, 1).flatten(1)
+
+
+def _plain_linears(*modules) -> bool:
+    """Whether ``modules`` are plain linear maps with a bias, whose weights can be used directly
+    (not under LoRA or another wrapper)."""
+    return all(type(module) is torch.nn.Linear and module.bias is not None for module in modules)
+
+
+def _projections(attention, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """The query, key and value of packed tokens (tokens, H). Where the three are plain linear maps
+    they run as one matmul over their stacked weights (on CPU a 3x wider matmul runs faster: 1.3%
+    less time for a MiniLM training step on HH pairs, forward and backward); otherwise each module runs."""
+    parts = (attention.query, attention.key, attention.value)
+    if not _plain_linears(*parts):
+        return [part(hidden) for part in parts]
+    weight, bias = (torch.cat([getattr(part, name) for part in parts]) for name in ("weight", "bias"))
+    return F.linear(hidden, weight, bias).split([part.out_features for part in parts], 1)
 
 
 def _padded_attention(attention, query, key, value, rows: Rows, dropout: float) -> torch.Tensor:
@@ -158,7 +177,7 @@ def _first_token_layer(layer, hidden: torch.Tensor, plan: Plan) -> torch.Tensor:
     dropout = attention.dropout.p if attention.training else 0.0
     rows = plan.rows
     projections = (attention.key, attention.value)
-    if all(type(p) is torch.nn.Linear and p.bias is not None for p in projections):  # not under LoRA
+    if _plain_linears(*projections):
         context = _attend_through_projections(attention, query[:, :, 0], rows.unpack(hidden), rows.mask, dropout)
     else:
         context = _padded_attention(attention, query, *(part(hidden) for part in projections), rows, dropout)
