@@ -109,6 +109,57 @@ def test_a_sliding_window_longer_than_every_sequence_keeps_single_rows(tiny_llam
     assert_shared_equals_separate(model, batch, tokenizer.pad_token_id)
 
 
+def tiny_decoder(tokenizer, kind: str):
+    """A 2-layer decoder classifier; window 8 where it has one (shorter than the test batch)."""
+    import transformers
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    configs = {  # layer 0 full and layer 1 sliding; both full despite the window; alternating
+        "qwen2-mixed": ("Qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+        "qwen2-window-unused": ("Qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+        "gemma2": ("Gemma2", dict(head_dim=8, sliding_window=8)),
+        "jamba": ("Jamba", dict(attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=4,
+                                mamba_dt_rank=4, use_mamba_kernels=False)),
+    }
+    name, options = configs[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(**common, **options)
+    return getattr(transformers, f"{name}ForSequenceClassification")(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2-mixed", "qwen2-window-unused", "gemma2"])
+def test_layers_of_sliding_window_and_full_attention_each_get_their_mask(tiny_llama, kind):
+    # Sequences longer than the window: a single mask would be wrong for one kind of layer.
+    _, tokenizer = models.load_reward_model(tiny_llama)
+    model = tiny_decoder(tokenizer, kind)
+    assert sharing.layer_kinds(model.config) == (
+        {"full_attention"} if kind == "qwen2-window-unused" else {"full_attention", "sliding_attention"})
+    batch = batch_of(tokenizer, [Pair(prompt="the a of to and in is", chosen="good it was", rejected="bad"),
+                                 Ranking(prompt="w5 w6", replies=["good w7", "w8", "bad bad w9 w10"], ranks=[0, 1, 2])])
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert longest > 8
+    # A window no layer uses keeps single rows; the mixes need rows with a mask per kind of layer.
+    assert sharing.attends_per_group(model.model, batch["input_ids"].device, longest) == (
+        kind == "qwen2-window-unused")
+    assert_shared_equals_separate(model, batch, tokenizer.pad_token_id)
+
+
+def test_models_with_recurrent_layers_are_not_shared(tiny_llama):
+    # Jamba's Mamba layers ignore the attention mask: one reply would carry into the next.
+    from chatrlhf.recipes.reward import forward_rewards
+
+    _, tokenizer = models.load_reward_model(tiny_llama)
+    model = tiny_decoder(tokenizer, "jamba")
+    assert sharing.layer_kinds(model.config) == {"linear_attention", "full_attention"}
+    assert is_decoder(model) and not sharing.can_share(model)
+    batch = batch_of(tokenizer, [Pair(prompt="the a of to and in is", chosen="good it was", rejected="bad")])
+    with pytest.raises(ValueError, match="layers all attend through a mask"):
+        shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"], batch["group_sizes"])
+    separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(forward_rewards(model, batch, share_prompt=True), separate)
+
+
 def test_group_attention_runs_in_shared_forwards_only(tiny_llama):
     model, tokenizer = models.load_reward_model(tiny_llama)
     model.config._attn_implementation = sharing.GROUP_ATTENTION

@@ -23,10 +23,12 @@ that drops the padding (7% of the tokens on the benchmark's HH batches) and the 
 masked pair of tokens (62% of them): smollm2's forward and backward take 14% less time (README,
 Speed). Elsewhere (GPUs, other models, or gradient checkpointing, whose backward recomputes the
 layers after this forward has put the model's attention back) the groups are padded into rows
-with a mask, as described above.
+with a mask, as described above; a model whose layers mix sliding-window and full attention
+(Gemma 2 and 3, Qwen2 with ``max_window_layers``) gets a mask for each kind of layer.
 
 Encoders (BERT-like) attend in both directions, so their prompt states depend on the reply; they
-are scored with ordinary batched forwards.
+are scored with ordinary batched forwards, as are decoders with recurrent or linear-attention
+layers (Jamba, Qwen3-Next), which ignore the mask and would carry one reply into the next.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 # rows padded with a mask.
 PER_GROUP_DEVICES = ("cpu",)
 GROUP_ATTENTION = "chatrlhf_groups"  # the attention implementation's name while a forward runs
+# Kinds of layer (transformers' ``layer_types``) that attend through a mask, as prompt sharing needs.
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
 def common_prefix(sequences: list[list[int]]) -> int:
@@ -79,11 +83,9 @@ class Packed:
     reward_at: list[tuple[int, int]] = field(default_factory=list)  # (row, column) per reply
 
 
-def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int,
-         window: int | None = None) -> Packed:
+def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int) -> Packed:
     """Pack each group as prefix + its suffixes, groups placed first-fit (longest first) into
-    rows as wide as the longest group. ``window``: a sliding window (Mistral's), applied to the
-    tokens' positions as the model applies it to a separate sequence's."""
+    rows as wide as the longest group."""
     lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
     width = max(lengths)
     rows: list[list[int]] = []  # group indices per row
@@ -125,12 +127,46 @@ def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int
     same_group = (group_of[:, :, None] == group_of[:, None, :]) & (group_of[:, None, :] >= 0)
     visible = (reply_of[:, None, :] == -1) | (reply_of[:, :, None] == reply_of[:, None, :])
     allowed = causal & same_group & visible
-    if window is not None:  # (a 4D mask is used as given: the model adds no window to it)
-        allowed &= positions[:, :, None] - positions[:, None, :] < window
     # Padding sees itself only: a query that may attend to nothing would give NaN, and NaN
     # times a zero gradient is still NaN in the weights' gradients.
     allowed |= torch.eye(width, dtype=torch.bool)
     return Packed(ids, positions, allowed[:, None], [at for g in range(len(lengths)) for at in reward_at[g]])
+
+
+def _masks(config, packed: Packed) -> dict[str, torch.Tensor]:
+    """The attention mask of ``packed`` rows for each kind of layer the model has (``layer_kinds``):
+    for sliding-window layers the window applied to the tokens' positions, as the model applies it
+    to a separate sequence (a 4D mask is used as given: the model adds no window to it)."""
+    window = getattr(config, "sliding_window", None)
+    masks = {}
+    for kind in layer_kinds(config):
+        masks[kind] = packed.attention_mask
+        if kind == "sliding_attention" and window is not None:
+            positions = packed.position_ids
+            masks[kind] = masks[kind] & (positions[:, :, None] - positions[:, None, :] < window)[:, None]
+    return masks
+
+
+def layer_kinds(config) -> set[str]:
+    """The kinds of layer of ``config``'s model, named as in transformers' ``layer_types``
+    (``full_attention``, ``sliding_attention``, ``linear_attention``, ...); a config without
+    ``layer_types`` has one kind: sliding-window attention where it names a window (Mistral),
+    else full attention."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return set(types)
+    return {"sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"}
+
+
+def can_share(model) -> bool:
+    """Whether the shared-prompt forward gives ``model``'s rewards: a decoder (``is_decoder``)
+    whose layers all attend through a mask, with or without a sliding window. Not one with
+    recurrent or linear-attention layers (Jamba, Qwen3-Next): they ignore the mask and would
+    carry one reply into the next."""
+    if not is_decoder(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return layer_kinds(base.config) <= ATTENTION_LAYERS
 
 
 def is_decoder(model) -> bool:
@@ -155,11 +191,13 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     forward). Single rows are chunked too: a whole batch in one row ran no faster, its
     activations (7400 tokens x 1536 for smollm2's feed-forward blocks) too large for the caches.
     """
+    if not can_share(model):
+        raise ValueError(f"prompt sharing needs a decoder whose layers all attend through a mask; "
+                         f"{type(model).__name__} has layers of kinds {sorted(layer_kinds(model.config))}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, base.base_model_prefix)
     prefixes, suffixes = split_groups(input_ids, attention_mask, group_sizes)
     per_group = attends_per_group(body, input_ids.device, int(attention_mask.sum(1).max()))
-    window = getattr(body.config, "sliding_window", None)
     lengths = [len(p) + sum(map(len, s)) for p, s in zip(prefixes, suffixes)]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     starts = list(accumulate(group_sizes, initial=0))
@@ -177,16 +215,22 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
         if per_group:
             pieces.append(_grouped_rewards(base, body, chunk_prefixes, chunk_suffixes, input_ids.device))
         else:
-            pieces.append(_packed_rewards(base, body, pack(chunk_prefixes, chunk_suffixes, pad_id, window), input_ids.device))
+            pieces.append(_packed_rewards(base, body, pack(chunk_prefixes, chunk_suffixes, pad_id), input_ids.device))
         positions += [starts[g] + k for g in chunk for k in range(group_sizes[g])]
     return torch.cat(pieces)[torch.tensor(positions).argsort().to(input_ids.device)]
 
 
 def _packed_rewards(base, body, packed: Packed, device) -> torch.Tensor:
-    mask = packed.attention_mask
-    if body.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
-        mask = torch.zeros(mask.shape, dtype=body.dtype).masked_fill(~mask, torch.finfo(body.dtype).min)
-    hidden = body(input_ids=packed.input_ids.to(device), attention_mask=mask.to(device),
+    """Rewards of groups packed into rows. A model with sliding-window and full-attention layers
+    (Gemma 2 and 3, Qwen2 with ``max_window_layers``) gets one mask per kind of layer, as
+    transformers' models take them; others one mask."""
+    masks = _masks(body.config, packed)
+    for kind, mask in masks.items():
+        if body.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=body.dtype).masked_fill(~mask, torch.finfo(body.dtype).min)
+        masks[kind] = mask.to(device)
+    mask = masks if len(masks) > 1 else masks.popitem()[1]
+    hidden = body(input_ids=packed.input_ids.to(device), attention_mask=mask,
                   position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
     rows, columns = zip(*packed.reward_at)
     last = hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
@@ -199,7 +243,7 @@ def attends_per_group(body, device, longest: int = 0) -> bool:
     limits what a token sees (no sliding window shorter than the ``longest`` sequence, no
     soft-capping), and no gradient checkpointing will recompute its layers after the forward."""
     config = body.config
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_kinds(config) else None
     return (device.type in PER_GROUP_DEVICES and getattr(body, "_supports_attention_backend", False)
             and (window is None or longest < window) and getattr(config, "attn_logit_softcapping", None) is None
             and not (getattr(body, "gradient_checkpointing", False) and body.training))

@@ -179,7 +179,7 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
     cut to its own longest sequence: a pair's two replies often differ a lot in length, and
     padding both to the longest of the batch wastes a fifth of the compute on HH.
     """
-    if share_prompt and sharing.is_decoder(model) and max(batch["group_sizes"]) > 1:
+    if share_prompt and max(batch["group_sizes"]) > 1 and sharing.can_share(model):
         return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
                                              batch["group_sizes"], pad_id, rows_per_forward)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
@@ -342,7 +342,7 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
     (a longer unit alone): padding is small and the batch size adapts to the lengths.
     """
     model.eval()
-    share = sharing.is_decoder(model) and any(len(g.replies) > 1 for g in groups)
+    share = sharing.can_share(model) and any(len(g.replies) > 1 for g in groups)
     # Other models score a batch of single replies, already sorted by length, in one forward.
     rows = rows_per_forward if share else 0
     if share:  # (unit, the (group, reply) places of its rewards)
