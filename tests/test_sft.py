@@ -72,8 +72,21 @@ def test_prompt_tokens_carry_no_loss(tiny_llama):
     assert not torch.equal(sft.response_nll(logits, labels, batch["loss_mask"])[0], nll)
 
 
-def test_packed_rows_give_the_same_loss_as_unpacked_ones(tiny_llama):
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2-mixed"])
+def test_packed_rows_give_the_same_loss_as_unpacked_ones(tiny_llama, kind):
+    # Mistral: a sliding window of 4 in every layer; Qwen2: layer 0 full, layer 1 window 4. Both
+    # shorter than the examples: the packed mask must apply the window to the right layers.
+    import transformers
+
     model, tokenizer = policy.load_policy(tiny_llama)
+    if kind != "llama":
+        name, options = {"mistral": ("Mistral", {}),
+                         "qwen2-mixed": ("Qwen2", dict(use_sliding_window=True, max_window_layers=1))}[kind]
+        torch.manual_seed(0)
+        config = getattr(transformers, f"{name}Config")(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=4, **options)
+        model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     pairs = [("the a of", "good it is"), ("hi hi", "bad"), ("to and in is it", "good")]
     examples = [sft.Example(*policy.encode_prompt_response(tokenizer, p, r, 48).__dict__.values(), i)
                 for i, (p, r) in enumerate(pairs)]
@@ -83,6 +96,23 @@ def test_packed_rows_give_the_same_loss_as_unpacked_ones(tiny_llama):
     got = sft.response_nll(sft.forward(model, packed), packed["input_ids"], packed["loss_mask"])
     assert got[1] == expected[1]
     torch.testing.assert_close(got[0], expected[0])
+
+
+def test_packing_refuses_models_with_recurrent_layers(tmp_path, tiny_llama, capsys):
+    # Jamba's Mamba layers ignore the attention mask: packed examples would see each other.
+    from transformers import AutoTokenizer, JambaConfig, JambaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    config = JambaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                         num_experts=1, mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False)
+    JambaForCausalLM(config).save_pretrained(tmp_path / "jamba")
+    tokenizer.save_pretrained(tmp_path / "jamba")
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "hi", "response": "good"}])
+    args = ["sft", f"model.name={tmp_path / 'jamba'}", f"data.train={path}", f"train.output_dir={tmp_path / 'out'}"]
+    assert main([*args, "data.packing=true"]) == 2
+    err = capsys.readouterr().err
+    assert "data.packing=true needs a model whose layers all attend" in err and "linear_attention" in err
 
 
 def test_resume_after_a_crash_ends_with_the_same_loss(tmp_path, tiny_llama, monkeypatch):

@@ -133,18 +133,25 @@ def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int
     return Packed(ids, positions, allowed[:, None], [at for g in range(len(lengths)) for at in reward_at[g]])
 
 
-def _masks(config, packed: Packed) -> dict[str, torch.Tensor]:
-    """The attention mask of ``packed`` rows for each kind of layer the model has (``layer_kinds``):
-    for sliding-window layers the window applied to the tokens' positions, as the model applies it
-    to a separate sequence (a 4D mask is used as given: the model adds no window to it)."""
+def layer_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, additive: torch.dtype | None = None):
+    """The 4D attention mask to give ``config``'s decoder for rows of packed sequences (shared
+    prompts here, SFT's packed examples), where
+    ``allowed`` (rows, 1, T, T) is True where a token may attend. A given 4D mask is used as it
+    is (the model adds no sliding window to it), so for sliding-window layers the window is applied
+    here, to the tokens' positions, as the model applies it to a separate sequence; a model whose
+    layers mix sliding-window and full attention (Gemma 2 and 3, Qwen2 with ``max_window_layers``)
+    gets a dict of one mask per kind of layer, as transformers' models take them. ``additive``:
+    the masks as 0 / the dtype's minimum, added to the scores (eager attention), else bool."""
     window = getattr(config, "sliding_window", None)
     masks = {}
     for kind in layer_kinds(config):
-        masks[kind] = packed.attention_mask
+        mask = allowed
         if kind == "sliding_attention" and window is not None:
-            positions = packed.position_ids
-            masks[kind] = masks[kind] & (positions[:, :, None] - positions[:, None, :] < window)[:, None]
-    return masks
+            mask = mask & (position_ids[:, :, None] - position_ids[:, None, :] < window)[:, None]
+        if additive is not None:
+            mask = torch.zeros(mask.shape, dtype=additive, device=mask.device).masked_fill(~mask, torch.finfo(additive).min)
+        masks[kind] = mask
+    return masks if len(masks) > 1 else masks.popitem()[1]
 
 
 def layer_kinds(config) -> set[str]:
@@ -221,15 +228,10 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def _packed_rewards(base, body, packed: Packed, device) -> torch.Tensor:
-    """Rewards of groups packed into rows. A model with sliding-window and full-attention layers
-    (Gemma 2 and 3, Qwen2 with ``max_window_layers``) gets one mask per kind of layer, as
-    transformers' models take them; others one mask."""
-    masks = _masks(body.config, packed)
-    for kind, mask in masks.items():
-        if body.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
-            mask = torch.zeros(mask.shape, dtype=body.dtype).masked_fill(~mask, torch.finfo(body.dtype).min)
-        masks[kind] = mask.to(device)
-    mask = masks if len(masks) > 1 else masks.popitem()[1]
+    """Rewards of groups packed into rows, masked as ``layer_masks`` says."""
+    eager = body.config._attn_implementation == "eager"  # eager attention adds its mask to the scores
+    mask = layer_masks(body.config, packed.attention_mask.to(device), packed.position_ids.to(device),
+                       body.dtype if eager else None)
     hidden = body(input_ids=packed.input_ids.to(device), attention_mask=mask,
                   position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
     rows, columns = zip(*packed.reward_at)

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import models, policy, training
+from chatrlhf import models, policy, sharing, training
 from chatrlhf.config import DataConfig, ModelConfig, option
 from chatrlhf.data import load
 from chatrlhf.data.records import Pair, Ranking
@@ -225,9 +225,9 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
 
 
 def collate_rows(rows: list[list[Example]], pad_token_id: int) -> dict:
-    """(R, T) input_ids / position_ids / loss_mask and a (R, 1, T, T) additive attention mask in
-    which each example sees only itself, causally; pads form their own block (never a fully
-    masked row, which would give NaN)."""
+    """(R, T) input_ids / position_ids / loss_mask and a (R, 1, T, T) bool attention mask in which
+    each example sees only itself, causally; pads form their own block (never a fully masked row,
+    which would give NaN). ``forward`` makes it the model's mask (``sharing.layer_masks``)."""
     width = max(sum(e.num_tokens for e in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -245,8 +245,7 @@ def collate_rows(rows: list[list[Example]], pad_token_id: int) -> dict:
         position_ids[r, start:] = torch.arange(width - start)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & (segment[:, :, None] == segment[:, None, :])
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
             "loss_mask": loss_mask}
 
 
@@ -274,6 +273,10 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Te
 
 def forward(model, batch: dict) -> torch.Tensor:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if inputs["attention_mask"].dim() == 4:  # packed rows: the window of sliding-window layers added
+        config = getattr(model, "module", model).config
+        inputs["attention_mask"] = sharing.layer_masks(config, batch["attention_mask"], batch["position_ids"],
+                                                       torch.float32)
     return model(**inputs).logits
 
 
@@ -304,6 +307,11 @@ def setup(config: SFTConfig, log=print) -> Run:
                                           lora=config.model.lora(), dropout=config.model.dropout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    kinds = sharing.layer_kinds(model.config)
+    if config.data.packing and not kinds <= sharing.ATTENTION_LAYERS:
+        raise ValueError(f"data.packing=true needs a model whose layers all attend through a mask; "
+                         f"{config.model.name} has {sorted(kinds - sharing.ATTENTION_LAYERS)} layers, which "
+                         f"ignore it, so packed examples would see each other: set data.packing=false")
     examples = read_examples(config.data.train, config.data, log)
     if config.data.limit and config.data.limit < len(examples):
         log(f"{config.data.train}: using the first {config.data.limit} of {len(examples)} examples (data.limit)")
