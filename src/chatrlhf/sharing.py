@@ -135,13 +135,13 @@ def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int
 
 def layer_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, additive: torch.dtype | None = None):
     """The 4D attention mask to give ``config``'s decoder for rows of packed sequences (shared
-    prompts here, SFT's packed examples), where
-    ``allowed`` (rows, 1, T, T) is True where a token may attend. A given 4D mask is used as it
-    is (the model adds no sliding window to it), so for sliding-window layers the window is applied
-    here, to the tokens' positions, as the model applies it to a separate sequence; a model whose
-    layers mix sliding-window and full attention (Gemma 2 and 3, Qwen2 with ``max_window_layers``)
-    gets a dict of one mask per kind of layer, as transformers' models take them. ``additive``:
-    the masks as 0 / the dtype's minimum, added to the scores (eager attention), else bool."""
+    prompts here, SFT's packed examples); ``allowed`` (rows, 1, T, T) is True where a token may
+    attend. A given 4D mask is used as it is (the model adds no sliding window to it), so for
+    sliding-window layers the window is applied here, to the tokens' positions, as the model
+    applies it to a separate sequence; a model whose layers mix sliding-window and full attention
+    (Gemma 2 and 3, Qwen2 with ``max_window_layers``) gets a dict of one mask per kind of layer, as
+    transformers' models take them. ``additive``: the masks as 0 / the dtype's minimum, added to
+    the scores (eager attention), else bool."""
     window = getattr(config, "sliding_window", None)
     masks = {}
     for kind in layer_kinds(config):
@@ -149,7 +149,8 @@ def layer_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, addit
         if kind == "sliding_attention" and window is not None:
             mask = mask & (position_ids[:, :, None] - position_ids[:, None, :] < window)[:, None]
         if additive is not None:
-            mask = torch.zeros(mask.shape, dtype=additive, device=mask.device).masked_fill(~mask, torch.finfo(additive).min)
+            mask = torch.zeros(mask.shape, dtype=additive, device=mask.device).masked_fill(
+                ~mask, torch.finfo(additive).min)
         masks[kind] = mask
     return masks if len(masks) > 1 else masks.popitem()[1]
 
