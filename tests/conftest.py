@@ -140,3 +140,27 @@ def crash_after_checkpoint(monkeypatch, recipe, at_step: int):
             yield
     finally:
         monkeypatch.setattr(recipe, "save_checkpoint", real_save)
+
+
+def tiny_decoder(tokenizer, kind: str, head: str = "ForSequenceClassification", window: int = 8):
+    """A 2-layer decoder of ``kind`` with ``tokenizer``'s vocabulary; ``head`` names the class
+    (``ForCausalLM`` for SFT). Sliding windows of ``window`` tokens: Mistral's in every layer;
+    Qwen2 mixed (layer 0 full, layer 1 sliding) or with a window no layer uses; Gemma 2 alternating.
+    Jamba: a Mamba layer, then attention."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    configs = {
+        "mistral": ("Mistral", dict(sliding_window=window)),
+        "qwen2-mixed": ("Qwen2", dict(use_sliding_window=True, sliding_window=window, max_window_layers=1)),
+        "qwen2-window-unused": ("Qwen2", dict(use_sliding_window=True, sliding_window=window, max_window_layers=2)),
+        "gemma2": ("Gemma2", dict(head_dim=8, sliding_window=window)),
+        "jamba": ("Jamba", dict(attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=4,
+                                mamba_dt_rank=4, use_mamba_kernels=False)),
+    }
+    name, options = configs[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(**common, **options)
+    return getattr(transformers, f"{name}{head}")(config).eval()

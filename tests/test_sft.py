@@ -12,7 +12,7 @@ from chatrlhf import config as cfg_lib
 from chatrlhf import policy
 from chatrlhf.cli import main
 from chatrlhf.recipes import sft
-from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, write_jsonl
+from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, tiny_decoder, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,17 +76,9 @@ def test_prompt_tokens_carry_no_loss(tiny_llama):
 def test_packed_rows_give_the_same_loss_as_unpacked_ones(tiny_llama, kind):
     # Mistral: a sliding window of 4 in every layer; Qwen2: layer 0 full, layer 1 window 4. Both
     # shorter than the examples: the packed mask must apply the window to the right layers.
-    import transformers
-
     model, tokenizer = policy.load_policy(tiny_llama)
     if kind != "llama":
-        name, options = {"mistral": ("Mistral", {}),
-                         "qwen2-mixed": ("Qwen2", dict(use_sliding_window=True, max_window_layers=1))}[kind]
-        torch.manual_seed(0)
-        config = getattr(transformers, f"{name}Config")(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, sliding_window=4, **options)
-        model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+        model = tiny_decoder(tokenizer, kind, "ForCausalLM", window=4)
     pairs = [("the a of", "good it is"), ("hi hi", "bad"), ("to and in is it", "good")]
     examples = [sft.Example(*policy.encode_prompt_response(tokenizer, p, r, 48).__dict__.values(), i)
                 for i, (p, r) in enumerate(pairs)]
@@ -100,13 +92,10 @@ def test_packed_rows_give_the_same_loss_as_unpacked_ones(tiny_llama, kind):
 
 def test_packing_refuses_models_with_recurrent_layers(tmp_path, tiny_llama, capsys):
     # Jamba's Mamba layers ignore the attention mask: packed examples would see each other.
-    from transformers import AutoTokenizer, JambaConfig, JambaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    config = JambaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
-                         num_experts=1, mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False)
-    JambaForCausalLM(config).save_pretrained(tmp_path / "jamba")
+    tiny_decoder(tokenizer, "jamba", "ForCausalLM").save_pretrained(tmp_path / "jamba")
     tokenizer.save_pretrained(tmp_path / "jamba")
     path = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "hi", "response": "good"}])
     args = ["sft", f"model.name={tmp_path / 'jamba'}", f"data.train={path}", f"train.output_dir={tmp_path / 'out'}"]

@@ -9,6 +9,7 @@ from chatrlhf import models, sharing
 from chatrlhf.data.batching import collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, Ranking
 from chatrlhf.sharing import common_prefix, is_decoder, pack, shared_prompt_rewards, split_groups
+from conftest import tiny_decoder
 
 
 def test_common_prefix_leaves_each_sequence_a_token():
@@ -93,39 +94,14 @@ def test_shared_prompt_equals_separate_forwards(tiny_llama, lora, attention, lay
 
 @pytest.mark.parametrize("window, layout", [(64, "groups"), (8, "rows")])
 def test_a_sliding_window_longer_than_every_sequence_keeps_single_rows(tiny_llama, window, layout):
-    from transformers import MistralConfig, MistralForSequenceClassification
-
     _, tokenizer = models.load_reward_model(tiny_llama)
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window, num_labels=1,
-                           pad_token_id=tokenizer.pad_token_id)
-    model = MistralForSequenceClassification(config).eval()
+    model = tiny_decoder(tokenizer, "mistral", window=window)
     batch = batch_of(tokenizer, [Pair(prompt="the a of to and in is", chosen="good it was", rejected="bad"),
                                  Ranking(prompt="w5 w6", replies=["good w7", "w8", "bad bad w9 w10"], ranks=[0, 1, 2])])
     longest = int(batch["attention_mask"].sum(1).max())
     assert 8 < longest < 64
     assert sharing.attends_per_group(model.model, batch["input_ids"].device, longest) == (layout == "groups")
     assert_shared_equals_separate(model, batch, tokenizer.pad_token_id)
-
-
-def tiny_decoder(tokenizer, kind: str):
-    """A 2-layer decoder classifier; window 8 where it has one (shorter than the test batch)."""
-    import transformers
-
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    configs = {  # layer 0 full and layer 1 sliding; both full despite the window; alternating
-        "qwen2-mixed": ("Qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
-        "qwen2-window-unused": ("Qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
-        "gemma2": ("Gemma2", dict(head_dim=8, sliding_window=8)),
-        "jamba": ("Jamba", dict(attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=4,
-                                mamba_dt_rank=4, use_mamba_kernels=False)),
-    }
-    name, options = configs[kind]
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{name}Config")(**common, **options)
-    return getattr(transformers, f"{name}ForSequenceClassification")(config).eval()
 
 
 @pytest.mark.parametrize("kind", ["qwen2-mixed", "qwen2-window-unused", "gemma2"])

@@ -166,15 +166,17 @@ def layer_kinds(config) -> set[str]:
     return {"sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"}
 
 
+def unmasked_layers(config) -> list[str]:
+    """The kinds of layer of ``config``'s model that ignore an attention mask (recurrent or
+    linear-attention layers: Jamba, Qwen3-Next), which would carry one packed sequence into the
+    next; empty where every layer attends through the mask, with or without a sliding window."""
+    return sorted(layer_kinds(config) - ATTENTION_LAYERS)
+
+
 def can_share(model) -> bool:
     """Whether the shared-prompt forward gives ``model``'s rewards: a decoder (``is_decoder``)
-    whose layers all attend through a mask, with or without a sliding window. Not one with
-    recurrent or linear-attention layers (Jamba, Qwen3-Next): they ignore the mask and would
-    carry one reply into the next."""
-    if not is_decoder(model):
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return layer_kinds(base.config) <= ATTENTION_LAYERS
+    whose layers all attend through a mask (``unmasked_layers``)."""
+    return is_decoder(model) and not unmasked_layers(model.config)
 
 
 def is_decoder(model) -> bool:
@@ -201,7 +203,7 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     """
     if not can_share(model):
         raise ValueError(f"prompt sharing needs a decoder whose layers all attend through a mask; "
-                         f"{type(model).__name__} has layers of kinds {sorted(layer_kinds(model.config))}")
+                         f"{type(model).__name__} has {unmasked_layers(model.config)} layers, or is no decoder")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, base.base_model_prefix)
     prefixes, suffixes = split_groups(input_ids, attention_mask, group_sizes)

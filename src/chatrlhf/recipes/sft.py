@@ -307,11 +307,10 @@ def setup(config: SFTConfig, log=print) -> Run:
                                           lora=config.model.lora(), dropout=config.model.dropout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    kinds = sharing.layer_kinds(model.config)
-    if config.data.packing and not kinds <= sharing.ATTENTION_LAYERS:
+    if config.data.packing and (unmasked := sharing.unmasked_layers(model.config)):
         raise ValueError(f"data.packing=true needs a model whose layers all attend through a mask; "
-                         f"{config.model.name} has {sorted(kinds - sharing.ATTENTION_LAYERS)} layers, which "
-                         f"ignore it, so packed examples would see each other: set data.packing=false")
+                         f"{config.model.name} has {unmasked} layers, which ignore it, so packed "
+                         f"examples would see each other: set data.packing=false")
     examples = read_examples(config.data.train, config.data, log)
     if config.data.limit and config.data.limit < len(examples):
         log(f"{config.data.train}: using the first {config.data.limit} of {len(examples)} examples (data.limit)")
