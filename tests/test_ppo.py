@@ -89,6 +89,41 @@ def test_resume_continues_exactly(tiny_llama, prompts, tmp_path, lora_r):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+def test_lora_reference_stays_the_starting_policy(tiny_llama, prompts, tmp_path):
+    """With LoRA the reference is the policy with its adapter off, so the frozen base weights must
+    stay bit-equal to the starting ones for the whole run: merging the adapter into them for each
+    rollout and unmerging it after (W + BA - BA) drifts them by rounding, step after step."""
+    config = cfg_lib.load(ppo.PPOConfig, None, {
+        "policy": {"name": tiny_llama, "lora_r": 4, "lora_alpha": 64}, "data": {"train": prompts[0]},
+        "reward": {"function": "count:good"}, "generation": {"max_new_tokens": 6},
+        "ppo": {"rollout_prompts": 8, "minibatch_size": 4},
+        "train": {"output_dir": str(tmp_path), "steps": 3, "lr": 1e-2, "sample_every": 0}})
+    run = ppo.setup(config)
+    start = {name: p.detach().clone() for name, p in run.policy.named_parameters()}
+    ppo.fit(run)
+    frozen = {name: p for name, p in run.policy.named_parameters() if not p.requires_grad}
+    assert len(frozen) > 10
+    assert [name for name, p in frozen.items() if not torch.equal(p, start[name])] == []
+    assert any(not torch.equal(p, start[name]) for name, p in run.policy.named_parameters() if "lora_B" in name)
+
+
+def test_grad_accum_splits_a_minibatch_without_changing_the_update(tiny_llama, prompts, tmp_path):
+    """train.grad_accum=2 runs each minibatch of 8 replies as two micro-batches of 4: the losses
+    are token means over the whole minibatch, so the run is the one of grad_accum=1."""
+    logs, weights = [], []
+    for grad_accum in (1, 2):
+        out = tmp_path / f"accum{grad_accum}"
+        assert cli.main([*base_args(tiny_llama, prompts, out), "reward.function=count:good", "train.steps=2",
+                         "data.dev=null", f"train.grad_accum={grad_accum}"]) == 0
+        logs.append(rows(out / "metrics.jsonl"))
+        weights.append(load_policy(str(out / "model"))[0].state_dict())
+    for a, b in zip(*logs):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "clip_fraction", "approx_kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=0)
+
+
 def test_reply_mask_stops_at_the_first_stop_token():
     reply_ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [9, 9, 9, 3], [2, 2, 2, 2]])
     mask, ended = ppo.reply_mask(reply_ids, [2, 3])
@@ -99,13 +134,13 @@ def test_reply_mask_stops_at_the_first_stop_token():
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_left_padded_log_probs_equal_unpadded_ones(tiny_llama, prompts, tmp_path, lora_r):
     """Each reply's log-probabilities in the padded batch equal those of the same prompt + reply
-    run alone, and nothing after the first EOS counts. With LoRA (a trained adapter, merged for
-    generation) the reference is the model with the adapter off."""
+    run alone, and nothing after the first EOS counts. With LoRA (a trained adapter) the
+    reference is the model with the adapter off."""
     config = cfg_lib.load(ppo.PPOConfig, None, {
         "policy": {"name": tiny_llama, "lora_r": lora_r}, "data": {"train": prompts[0]},
         "reward": {"function": "count:good"}, "generation": {"max_new_tokens": 12},
         "train": {"output_dir": str(tmp_path)}})
-    run = ppo.setup(config, log=lambda *a: None)
+    run = ppo.setup(config)
     if lora_r:
         assert run.reference is None
         with torch.no_grad():
@@ -114,7 +149,7 @@ def test_left_padded_log_probs_equal_unpadded_ones(tiny_llama, prompts, tmp_path
                     param.normal_(0, 0.5)  # an adapter that changes the model
     items = run.train_items[:8]
     assert len({len(i.input_ids) for i in items}) > 1  # prompts of several lengths: padding is used
-    rollout = ppo.generate(run, items)
+    rollout = ppo.generate(run, items, list(range(len(items))))
     eos = run.tokenizer.eos_token_id
     for row, item in enumerate(items):
         n = int(rollout.mask[row].sum())
@@ -154,7 +189,19 @@ def reward_model(tiny_bert, tmp_path_factory) -> str:
     return str(folder)
 
 
-def test_reward_model_with_another_tokenizer(tiny_llama, prompts, reward_model, tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one state per process and refuses an Accelerator with another mixed
+    precision than the first one's: a bf16 run after float32 ones in the same pytest process
+    needs it reset (`chatrlhf ppo` runs once per process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_reward_model_with_another_tokenizer(tiny_llama, prompts, reward_model, tmp_path, fresh_accelerate_state):
     out = tmp_path / "run"
     assert cli.main([*base_args(tiny_llama, prompts, out), f"reward.model={reward_model}", "train.steps=2",
                      "train.sample_every=1", "train.samples=16", "data.dev=null", "train.bf16=true"]) == 0

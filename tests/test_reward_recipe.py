@@ -183,11 +183,16 @@ def test_bf16_setting(tmp_path, tiny_bert, capsys, monkeypatch):
     assert "train.bf16: expected true, false or auto, found 'sometimes'" in capsys.readouterr().err
 
 
-def test_a_fresh_run_replaces_an_earlier_runs_log_and_checkpoints(tmp_path, tiny_bert, capsys):
+def test_an_earlier_run_is_kept_unless_overwrite_is_asked(tmp_path, tiny_bert, capsys):
     rows = separable_pairs(16, seed=2)
-    train(tmp_path, tiny_bert, rows, "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=5")
-    out = train(tmp_path, tiny_bert, rows, "train.max_steps=2")
-    assert "starting afresh (train.resume=false); removing the earlier run's metrics.jsonl, checkpoints" \
+    first = train(tmp_path, tiny_bert, rows, "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=5")
+    with pytest.raises(AssertionError):  # main() returns 2: the run stops before touching anything
+        train(tmp_path, tiny_bert, rows, "train.max_steps=2")
+    assert "holds an earlier run (metrics.jsonl, checkpoints): continue it with train.resume=true, or start " \
+        "afresh with train.overwrite=true" in capsys.readouterr().err
+    assert len(log(first)) == 3 and len(list((first / "checkpoints").iterdir())) == 3, "nothing deleted"
+    out = train(tmp_path, tiny_bert, rows, "train.max_steps=2", "train.overwrite=true")
+    assert "starting afresh (train.overwrite=true); removing the earlier run's metrics.jsonl, checkpoints" \
         in capsys.readouterr().out
     assert [entry["step"] for entry in log(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]

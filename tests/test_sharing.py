@@ -168,7 +168,8 @@ def test_prompts_cut_to_fit_stay_shared(tiny_llama):
     assert_shared_equals_separate(model, batch, tokenizer.pad_token_id)
 
 
-def test_scoring_shares_prompts_and_gives_the_separate_rewards(tiny_llama):
+def test_scoring_shares_prompts_and_gives_the_separate_rewards(tiny_llama, monkeypatch):
+    from chatrlhf import sharing
     from chatrlhf.recipes.reward import score_groups
 
     model, tokenizer = models.load_reward_model(tiny_llama)
@@ -177,16 +178,17 @@ def test_scoring_shares_prompts_and_gives_the_separate_rewards(tiny_llama):
                Pair(prompt=[{"role": "user", "content": "hi"}], chosen="good", rejected="bad w1 w2 w3 w4")]
     groups = to_groups(records)
     tokenize_groups(groups, tokenizer, 64, same_prompt=True)
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))  # the classifier's own forward
+    shared_calls, original = [], sharing.shared_prompt_rewards
+    monkeypatch.setattr(sharing, "shared_prompt_rewards",
+                        lambda *a, **k: shared_calls.append(1) or original(*a, **k))
     # 18, 13 and 12 tokens: a budget of 30 makes a batch of the two shortest groups, then one
     # of the longest; the rewards come back in the groups' order.
     assert [g.num_tokens for g in groups] == [18, 13, 12]
     shared = score_groups(model, groups, tokenizer.pad_token_id, batch_tokens=30)
-    assert not calls  # every group went through the shared-prompt forward
+    assert len(shared_calls) == 2  # both batches went through the shared-prompt forward
     with torch.inference_mode():
         for group, rewards in zip(groups, shared):
             batch = collate([group], tokenizer.pad_token_id)
             separate = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
             torch.testing.assert_close(torch.tensor(rewards), separate, atol=1e-5, rtol=1e-4)
-    assert len(calls) == len(groups)
+    assert len(shared_calls) == 2

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from chatrlhf import serve, training
@@ -40,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     training.keep_freed_memory()
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         # Bad input, bad configuration and a non-finite loss end with the message alone.
+        if os.environ.get("CHATRLHF_TRACEBACK"):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
 

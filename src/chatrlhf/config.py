@@ -248,6 +248,8 @@ class TrainConfig:
     save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                             "checkpoints and logs (without it, such a run stops and says so)")
     seed: int = option(42, "seed for initialisation, data order and dropout")
     bf16: bool | str = option(False, "bf16 autocast: true, false, or 'auto' (on where the hardware computes "
                               "bf16 natively: CPUs with AVX512-BF16 or AMX, recent GPUs); weights stay float32")

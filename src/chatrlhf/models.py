@@ -154,25 +154,32 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def save_model(model, tokenizer, folder: str | Path, metadata: dict, state: dict | None = None) -> None:
+def save_model(model, tokenizer, folder: str | Path, metadata: dict, state: dict | None = None,
+               state_dict: dict | None = None, merged: bool = True, staging: Path | None = None) -> None:
     """Save a standard HF model (+ ``adapter/`` for LoRA, and the merged model) and chatrlhf.json.
 
-    ``state`` maps file names to objects saved with torch.save beside the model (training
-    state of a checkpoint); they are written last, inside the same atomic rename.
+    Args:
+        state: file names -> objects saved with torch.save beside the model (the training
+            state of a checkpoint), written last, inside the same atomic rename.
+        state_dict: the model's weights when the model's own are sharded over processes (as
+            ``accelerator.get_state_dict`` gathers them); None: the model's.
+        merged: with LoRA, also write the merged full model (what plain transformers, TRL and
+            OpenRLHF load); checkpoints keep the adapter and head only.
+        staging: the folder to write into before the rename (one other processes wrote into
+            too); default a fresh temporary sibling.
 
     Written to a temporary sibling folder first, then renamed, so a kill never leaves a
     half-written model where a complete one is expected.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    staging = staging or Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     if hasattr(model, "peft_config"):
-        model.save_pretrained(staging / ADAPTER_DIR)
-        # The merged copy is what plain transformers (and TRL, OpenRLHF) load.
-        merged = _merged_copy(model)
-        merged.save_pretrained(staging)
+        model.save_pretrained(staging / ADAPTER_DIR, state_dict=state_dict)
+        if merged:
+            _merged_copy(model, staging / ADAPTER_DIR, state_dict is not None and is_sharded(model)).save_pretrained(staging)
     else:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     for name, value in (state or {}).items():
@@ -187,7 +194,27 @@ def save_model(model, tokenizer, folder: str | Path, metadata: dict, state: dict
         os.replace(staging, folder)
 
 
-def _merged_copy(peft_model):
-    import copy
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are split over processes: FSDP 2 (DTensors) or DeepSpeed
+    ZeRO-3 (partitioned parameters carry ``ds_id``)."""
+    from torch.distributed.tensor import DTensor
 
-    return copy.deepcopy(peft_model).merge_and_unload()
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _merged_copy(peft_model, adapter: Path, sharded: bool):
+    """The LoRA model with its adapter merged in: a merged copy, or, when the weights are
+    sharded over processes, the base model loaded afresh with the adapter just saved."""
+    if not sharded:
+        import copy
+
+        return copy.deepcopy(peft_model).merge_and_unload()
+    from peft import PeftModel
+
+    base = peft_model.get_base_model()
+    # The transformers class under FSDP's wrapper class (FSDPLlamaForCausalLM -> LlamaForCausalLM).
+    cls = next(c for c in type(base).__mro__ if c.__module__.startswith("transformers.models."))
+    fresh = cls.from_pretrained(peft_model.peft_config["default"].base_model_name_or_path,
+                                **({"num_labels": base.config.num_labels} if hasattr(base, "score") or
+                                   hasattr(base, "classifier") else {}))
+    return PeftModel.from_pretrained(fresh, adapter).merge_and_unload()

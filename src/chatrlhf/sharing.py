@@ -204,6 +204,9 @@ def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     if not can_share(model):
         raise ValueError(f"prompt sharing needs a decoder whose layers all attend through a mask; "
                          f"{type(model).__name__} has {unmasked_layers(model.config)} layers, or is no decoder")
+    from chatrlhf import training
+
+    training.took("prompt sharing")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, base.base_model_prefix)
     prefixes, suffixes = split_groups(input_ids, attention_mask, group_sizes)

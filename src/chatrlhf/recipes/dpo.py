@@ -139,9 +139,15 @@ def reply_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
     positions are thrown away. Assumes logits = lm_head(last hidden state), true of Llama-like
     models; models with a logit soft-cap use the plain path.
     """
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    if getattr(base.config, "final_logit_softcapping", None):
+    if getattr(training.inner(model).config, "final_logit_softcapping", None):
         return policy.sequence_logps(model, batch, average)
+    # Through the wrapper's forward: DDP synchronises the gradients, FSDP gathers the weights.
+    return training.call_through(model, lambda inner: _reply_logps(inner, batch, average))
+
+
+def _reply_logps(model, batch: dict, average: bool) -> torch.Tensor:
+    training.took("reply-only output layer")
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
     hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
     rows, positions = targets.nonzero(as_tuple=True)
@@ -189,34 +195,41 @@ def cache_key(config: DPOConfig) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
-def attach_reference(run: "Run", fresh_start: bool, log=print) -> None:
-    """Fill every item's reference_logps: from the cache, else computed once and cached."""
-    config = run.config
+def attach_reference(run: "Run", fresh_start: bool) -> None:
+    """Fill every item's reference_logps: from the cache, else computed once (each process its
+    share of the items) and cached."""
+    config, engine = run.config, run.engine
     cache = Path(config.train.output_dir) / REFERENCE_FILE
     key = cache_key(config)
-    cached = torch.load(cache, weights_only=False) if cache.exists() else None
+    cached = torch.load(cache, weights_only=True) if cache.exists() else None
     if cached and cached["key"] == key and len(cached["train"]) == len(run.train_items) \
             and len(cached["dev"]) == len(run.dev_items):
-        log(f"reference log-probabilities read from {cache}")
+        engine.log(f"reference log-probabilities read from {cache}")
         train_ref, dev_ref = cached["train"], cached["dev"]
     else:
-        reference, source = run.model, "the policy before training"
-        if hasattr(run.model, "peft_config"):
+        # A sharded model needs every process in each forward: they all score everything.
+        reference = run.model if engine.sharded else engine.unwrap(run.model)
+        share = (lambda items: items) if engine.sharded else engine.mine
+        gather = (lambda values: values) if engine.sharded else engine.gather
+        source = "the policy before training"
+        if hasattr(training.inner(run.model), "peft_config"):
             source = "the model with its LoRA adapter disabled"
         elif not fresh_start:
             # Full fine-tuning resumed without a cache: the original weights are the reference.
             reference, _ = policy.load_policy(config.model.name)
-            reference.to(run.device)
+            reference.to(engine.device)
+            share, gather = engine.mine, engine.gather
             source = f"{config.model.name} loaded as a separate reference"
-        log(f"computing reference log-probabilities once, from {source}")
-        args = (run.tokenizer.pad_token_id, run.device, config.loss.average_logps, config.train.eval_batch_size)
-        with reference_context(reference):
-            train_ref = score_items(reference, run.train_items, *args, desc="reference (train)")
-            dev_ref = score_items(reference, run.dev_items, *args, desc="reference (dev)")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = cache.with_name(cache.name + ".tmp")
-        torch.save({"key": key, "train": train_ref, "dev": dev_ref}, staging)
-        staging.replace(cache)  # atomic: a kill never leaves half a cache
+        engine.log(f"computing reference log-probabilities once, from {source}")
+        args = (run.tokenizer.pad_token_id, engine.device, config.loss.average_logps, config.train.eval_batch_size)
+        with reference_context(training.inner(reference)):
+            train_ref = gather(score_items(reference, share(run.train_items), *args, desc="reference (train)"))
+            dev_ref = gather(score_items(reference, share(run.dev_items), *args, desc="reference (dev)"))
+        if engine.is_main:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            staging = cache.with_name(cache.name + ".tmp")
+            torch.save({"key": key, "train": train_ref, "dev": dev_ref}, staging)
+            staging.replace(cache)  # atomic: a kill never leaves half a cache
     for item, values in zip(run.train_items, train_ref):
         item.reference_logps = values
     for item, values in zip(run.dev_items, dev_ref):
@@ -228,9 +241,9 @@ def attach_reference(run: "Run", fresh_start: bool, log=print) -> None:
 @dataclass
 class Run:
     config: DPOConfig
+    engine: training.Engine
     model: torch.nn.Module
     tokenizer: object
-    device: torch.device
     train_items: list[Item]
     dev_items: list[Item]
     optimizer: torch.optim.Optimizer
@@ -241,27 +254,31 @@ class Run:
     dev_rewards: list[list[float]] | None = None  # of the latest evaluate(), for the report
 
 
-def setup(config: DPOConfig, log=print) -> Run:
+def setup(config: DPOConfig) -> Run:
     train = config.train
+    engine = training.Engine(train.output_dir, train.grad_accum, train.max_grad_norm, train.bf16,
+                             train.batch_size, train.log_with)
+    log = engine.log
+    if engine.num_processes > 1:
+        log(engine.describe())
     training.seed_everything(train.seed)
     if not config.data.train:
         raise ValueError("data.train is not set: give a file of pairs or rankings, e.g. data.train=pairs.jsonl")
-    resume_from = training.resume_path(train.resume, train.output_dir, log)
+    resume_from = engine.start(train.resume, train.overwrite)
     model, tokenizer = policy.load_policy(str(resume_from) if resume_from else config.model.name,
                                           lora=config.model.lora(), dropout=config.model.dropout)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     train_items = load_items(config.data.train, config, tokenizer, True, log)
     dev_items = load_items(config.data.dev, config, tokenizer, False, log) if config.data.dev else []
     batches_per_epoch = math.ceil(len(train_items) / train.batch_size)
     total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
     optimizer, scheduler = training.optimizer_and_scheduler(
         model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
-    run = Run(config, model, tokenizer, device, train_items, dev_items, optimizer, scheduler, total_steps,
+    model, optimizer = engine.prepare(model, optimizer)
+    run = Run(config, engine, model, tokenizer, train_items, dev_items, optimizer, scheduler, total_steps,
               batches_per_epoch)
-    attach_reference(run, fresh_start=resume_from is None, log=log)
+    attach_reference(run, fresh_start=resume_from is None)
     if resume_from:
-        run.start_step = training.restore_state(resume_from, optimizer, scheduler)["step"]
+        run.start_step = engine.restore(resume_from, model, optimizer, scheduler)["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
     return run
 
@@ -284,61 +301,72 @@ def preference_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, r
 
 def fit(run: Run) -> dict:
     """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
-    config, model, train = run.config, run.model, run.config.train
-    Path(train.output_dir).mkdir(parents=True, exist_ok=True)
-    log_file = Path(train.output_dir) / "metrics.jsonl"
+    config, engine, model, train = run.config, run.engine, run.model, run.config.train
     pad_id, beta = run.tokenizer.pad_token_id, config.loss.beta
     cached: dict[int, list] = {}
     last_eval: dict = {}
     # No evaluation before the first step: the policy is then the reference, every implicit
     # reward is 0 and the accuracy is exactly 0.5.
     recent_loss, recent_correct, recent_total = [], 0, 0
-    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
-               desc=f"dpo ({config.loss.type})", dynamic_ncols=True)
+    bar = engine.progress(run.start_step, run.total_steps, f"dpo ({config.loss.type})")
     model.train()
     for step in bar:
         started = time.perf_counter()
-        step_loss, step_margin, tokens = 0.0, 0.0, 0
+        step_loss, step_margin, tokens, pairs = 0.0, 0.0, 0, 0
         for micro in range(train.grad_accum):
             epoch, position = divmod(step * train.grad_accum + micro, run.batches_per_epoch)
             if epoch not in cached:
                 # Length-bucketed as in SFT (unpacked): one row per group.
                 rows = epoch_batches(run.train_items, train.batch_size, train.seed, epoch, False, 0)
                 cached = {epoch: [[row[0] for row in batch] for batch in rows]}
-            items = [run.train_items[i] for i in cached[epoch][position]]
+            # This process's share of the groups, weighted so that the gradient is the whole
+            # micro-batch's mean (Engine.share).
+            mine, weight = engine.share(cached[epoch][position])
+            items = [run.train_items[i] for i in mine]
             encoded = [e for item in items for e in item.encoded]
-            policy_logps = batch_logps(model, encoded, pad_id, run.device, config.loss.average_logps)
-            reference_logps = torch.tensor([r for item in items for r in item.reference_logps], device=run.device)
-            ranks = torch.tensor([k for item in items for k in item.group.ranks], device=run.device)
-            sizes = [len(item.encoded) for item in items]
-            loss = preference_loss(policy_logps, reference_logps, ranks, sizes, config.loss).mean()
-            if not torch.isfinite(loss):
-                records = [item.group.record_index for item in items]
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}, records {records}; "
-                                         f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
-            (loss / train.grad_accum).backward()
-            step_loss += loss.item() / train.grad_accum
+            with engine.accumulate(model):
+                with engine.autocast():
+                    policy_logps = batch_logps(model, encoded, pad_id, engine.device, config.loss.average_logps)
+                reference_logps = torch.tensor([r for item in items for r in item.reference_logps], device=engine.device)
+                ranks = torch.tensor([k for item in items for k in item.group.ranks], device=engine.device)
+                sizes = [len(item.encoded) for item in items]
+                loss = preference_loss(policy_logps.float(), reference_logps, ranks, sizes, config.loss).mean()
+                if not torch.isfinite(loss):
+                    records = [item.group.record_index for item in items]
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}, records {records}; "
+                                             f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+                engine.backward(loss * weight)
+            step_loss += loss.item() * weight / train.grad_accum
+            if not weight:
+                continue
             tokens += sum(len(e.input_ids) for e in encoded)
-            rewards = (beta * (policy_logps - reference_logps)).tolist()
+            rewards = (beta * (policy_logps.detach().float() - reference_logps)).tolist()
             start = 0
             for item, size in zip(items, sizes):
                 c, w, _ = metrics.pairwise_outcomes(rewards[start:start + size], item.group.ranks)
                 recent_correct, recent_total = recent_correct + c, recent_total + c + w
                 if size == 2 and item.group.ranks[0] != item.group.ranks[1]:
                     sign = 1 if item.group.ranks[0] < item.group.ranks[1] else -1
-                    step_margin += sign * (rewards[start] - rewards[start + 1]) / len(items) / train.grad_accum
+                    step_margin += sign * (rewards[start] - rewards[start + 1])
+                    pairs += 1
                 start += size
-        grad_norm = training.optimizer_step(model, run.optimizer, run.scheduler, train.max_grad_norm, step,
-                                            train.output_dir)
+        grad_norm = engine.step(model, run.optimizer, run.scheduler, step)
+        # The whole batch's figures (each process counted its share).
+        step_loss = engine.reduce_sum(step_loss) / engine.num_processes
+        tokens, pairs = int(engine.reduce_sum(tokens)), int(engine.reduce_sum(pairs))
+        step_margin = engine.reduce_sum(step_margin) / max(pairs, 1)
 
         recent_loss = (recent_loss + [step_loss])[-20:]
         seconds = time.perf_counter() - started
         entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
                  "grad_norm": grad_norm, "reward_margin": step_margin, "seconds": seconds,
                  "tokens": tokens, "tokens_per_s": tokens / seconds}
+        if step == run.start_step:  # which fast paths this launch config got
+            entry["paths"] = training.fast_paths()
+            engine.log(f"forward: {', '.join(entry['paths'])} ({engine.describe()})")
         postfix = {"loss": f"{sum(recent_loss) / len(recent_loss):.3f}"}
         if recent_total:
-            entry["train_accuracy"] = recent_correct / recent_total
+            entry["train_accuracy"] = recent_correct / recent_total  # the main process's share
             postfix["acc"] = f"{recent_correct / recent_total:.3f}"
             recent_correct, recent_total = recent_correct // 2, recent_total // 2  # a decaying window
         done = step + 1 == run.total_steps
@@ -348,8 +376,7 @@ def fit(run: Run) -> dict:
             postfix["dev_acc"] = f"{last_eval['accuracy']:.3f}"
             model.train()
         bar.set_postfix(postfix)
-        with log_file.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        engine.write_metrics(entry)
         if (train.save_every and (step + 1) % train.save_every == 0) or done:
             save_checkpoint(run, step + 1)
     bar.close()
@@ -360,8 +387,12 @@ def fit(run: Run) -> dict:
 
 def implicit_rewards(run: Run, items: list[Item]) -> list[list[float]]:
     """beta * (log pi - log pi_ref) of every reply of every item."""
-    logps = score_items(run.model, items, run.tokenizer.pad_token_id, run.device, run.config.loss.average_logps,
-                        run.config.train.eval_batch_size, desc="implicit rewards")
+    engine = run.engine
+    args = (run.tokenizer.pad_token_id, engine.device, run.config.loss.average_logps, run.config.train.eval_batch_size)
+    if engine.sharded:  # every process takes part in each forward of a sharded model
+        logps = score_items(run.model, items, *args, desc="implicit rewards")
+    else:
+        logps = engine.gather(score_items(engine.unwrap(run.model), engine.mine(items), *args, desc="implicit rewards"))
     beta = run.config.loss.beta
     return [[beta * (p - r) for p, r in zip(ps, item.reference_logps)] for ps, item in zip(logps, items)]
 
@@ -393,9 +424,8 @@ def metadata(config: DPOConfig, result: dict | None = None) -> dict:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    training.save_checkpoint(run.config.train.output_dir, step, run.model, run.tokenizer, metadata(run.config),
-                             training.training_state(step, run.optimizer, run.scheduler),
-                             run.config.train.keep_checkpoints)
+    run.engine.save_checkpoint(step, run.model, run.tokenizer, metadata(run.config), run.optimizer,
+                               run.scheduler, run.config.train.keep_checkpoints)
 
 
 def format_result(result: dict) -> str:
@@ -411,8 +441,10 @@ def train(config: DPOConfig, report: str | None = None) -> dict:
     if report and not run.dev_items:
         raise ValueError("--report needs held-out data: set data.dev")
     result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_items else {})
-    folder = Path(config.train.output_dir) / "model"
-    models.save_model(run.model, run.tokenizer, folder, metadata(config, result))
+    folder = run.engine.save_final(run.model, run.tokenizer, metadata(config, result))
+    run.engine.end()
+    if not run.engine.is_main:
+        return result
     print(f"saved policy to {folder}")
     if result:
         print(format_result(result))

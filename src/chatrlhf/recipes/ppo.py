@@ -2,6 +2,7 @@
 
     chatrlhf ppo configs/ppo_hh_smollm2.yaml reward.model=runs/reward_hh_minilm/model
     chatrlhf ppo configs/ppo_hh_smollm2.yaml --reward-url http://127.0.0.1:8000
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m chatrlhf ppo configs/ppo_hh_smollm2.yaml
 
 Each step, in ``fit`` below: sample replies to ``ppo.rollout_prompts`` prompts (prompts left-padded,
 temperature / top-p, at most ``generation.max_new_tokens``; the tokens after a reply's first
@@ -10,40 +11,49 @@ last token minus ``beta * KL`` to the reference on every token (Ziegler et al., 
 GAE advantages, whitened; then ``ppo.epochs`` passes of minibatch updates of the clipped policy
 loss and the clipped value loss (maths in losses.py, PPO section).
 
-Models. The actor is the policy. The reference is the policy as loaded, frozen; with LoRA it is
-the same model with the adapter switched off (no second copy). The critic is a value head on its
-own copy of the policy's backbone (no LM head; LoRA too when the policy uses it), started from
-the policy's weights as in TRL and OpenRLHF: the reward model's backbone was the other choice, but
-it may have another tokenizer, and PPO needs a value per policy token. The score comes from a saved
-chatrlhf reward model (the reply is decoded to text and re-tokenised with the reward model's own
-tokenizer, exactly as ``chatrlhf reward score`` does), a ``chatrlhf serve`` server
-(``reward.url``), or a Python function ``(prompts, replies) -> rewards`` (``reward.function``
-"count:WORD", or ``train(config, reward_fn=...)``).
+Processes. Under ``accelerate launch`` (DDP or FSDP, not DeepSpeed) each process samples and
+scores its share of the prompts, and the rollout is gathered whole on every process: advantages,
+their whitening, reward moments and metrics are the whole rollout's. Each reply is sampled with a
+generator seeded by (train.seed, step, prompt), so 1 and N processes give the same replies and,
+up to rounding, the same run. A minibatch is split into ``train.grad_accum`` micro-batches, each
+shared by the processes; its losses are token means over the whole minibatch.
+
+Models. The actor is the policy. The reference is the policy as loaded, frozen for the whole run;
+with LoRA it is the same model with the adapter switched off (peft's ``disable_adapter``: the
+adapter is never merged into the base weights, whose rounding would drift). The critic is a value
+head on its own copy of the policy's backbone (no LM head; LoRA too when the policy uses it),
+started from the policy's weights as in TRL and OpenRLHF: the reward model's backbone was the other
+choice, but it may have another tokenizer, and PPO needs a value per policy token. The score comes
+from a saved chatrlhf reward model (the reply is decoded to text and re-tokenised with the reward
+model's own tokenizer, exactly as ``chatrlhf reward score`` does; on ``reward.device`` or the
+policy's), a ``chatrlhf serve`` server (``reward.url``), or a Python function
+``(prompts, replies) -> rewards`` (``reward.function`` "count:WORD", or ``train(config, reward_fn=...)``).
 
 Deliberate simplifications: log-probabilities are those of the temperature-scaled distribution
-(as TRL) but ignore the top-p truncation; one optimizer step per minibatch (no accumulation);
-held-out KL is the mean summed k1 estimate on the held-out replies.
+(as TRL) but ignore the top-p truncation; one optimizer step per minibatch; held-out KL is the
+mean summed k1 estimate on the held-out replies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import losses, models, policy as policy_lib, training
 from chatrlhf.config import option
 from chatrlhf.data import load, prompt_key
 from chatrlhf.data.batching import Group, tokenize_groups
-from chatrlhf.training import CHECKPOINTS
 
 RewardFn = Callable[[list, list[str]], list[float]]
 
@@ -75,6 +85,7 @@ class RewardSourceConfig:
     clip: float | None = option(5.0, "clip the (normalised) score to [-clip, clip]; null: no clipping")
     missing_eos_penalty: float | None = option(None, "subtracted from the score of replies cut at max_new_tokens")
     batch_tokens: int = option(16384, "tokens per reward-model batch")
+    device: str | None = option(None, "where the reward model runs, e.g. 'cuda:1'; default: the policy's device")
 
 
 @dataclass
@@ -133,15 +144,25 @@ class PPOTrainConfig:
     warmup_ratio: float = option(0.0, "fraction of optimizer steps with linear warmup")
     schedule: Literal["linear", "cosine", "constant"] = option("constant", "decay after warmup")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
+    grad_accum: int = option(1, "micro-batches each minibatch is split into (less memory, the same update)")
     eval_every: int = option(10, "held-out evaluation every N steps (and before the first and after the last)")
     sample_every: int = option(10, "write sample generations after the first step and every N steps")
     samples: int = option(4, "replies written each time")
     save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                             "checkpoints and logs (without it, such a run stops and says so)")
     seed: int = option(42, "seed for initialisation, prompt order and sampling")
-    bf16: bool = option(False, "bf16 autocast for every forward pass (about 2x faster on CPUs with "
-                        "AVX512-BF16/AMX); losses and log-probabilities stay float32")
+    bf16: bool | str = option(False, "bf16 autocast for every forward pass: true, false, or 'auto' (where it "
+                              "computes bf16 natively); weights, losses and log-probabilities stay float32")
+    log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum: expected >= 1, found {self.grad_accum}")
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
 
 
 @dataclass
@@ -184,18 +205,10 @@ def load_critic(name: str, lora: dict | None) -> Critic:
     return Critic(backbone, backbone.config.hidden_size)
 
 
-def trainable_state(module) -> dict:
-    """Only what trains (a LoRA critic's frozen base comes back from the backbone's files)."""
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def count_reward(word: str) -> RewardFn:
-    """Rule-based reward: how many whitespace-separated words of the reply equal ``word``."""
-    return lambda prompts, replies: [float(reply.split().count(word)) for reply in replies]
-
-
-def reward_scorer(config: RewardSourceConfig, reward_fn: RewardFn | None, log=print) -> RewardFn:
-    """(prompts, replies) -> scores, from whichever source the config (or the caller) names."""
+def reward_scorer(config: RewardSourceConfig, reward_fn: RewardFn | None, device: torch.device,
+                  log=print) -> RewardFn:
+    """(prompts, replies) -> scores, from whichever source the config (or the caller) names; a
+    reward model runs on ``reward.device``, else on ``device``."""
     given = [name for name, v in (("a Python reward_fn", reward_fn), ("reward.model", config.model),
                                   ("reward.url", config.url), ("reward.function", config.function)) if v]
     if len(given) != 1:
@@ -206,7 +219,7 @@ def reward_scorer(config: RewardSourceConfig, reward_fn: RewardFn | None, log=pr
         kind, _, word = config.function.partition(":")
         if kind != "count" or not word:
             raise ValueError(f"reward.function: expected 'count:WORD', found {config.function!r}")
-        return count_reward(word)
+        return lambda prompts, replies: [float(reply.split().count(word)) for reply in replies]
     if config.url:
         from chatrlhf.client import RewardClient
 
@@ -214,8 +227,9 @@ def reward_scorer(config: RewardSourceConfig, reward_fn: RewardFn | None, log=pr
         log(f"reward: server {config.url} ({client.health().get('model')})")
         return lambda prompts, replies: client.score(prompts, replies)
     model, tokenizer = models.load_reward_model(config.model, dropout=False)
+    model.to(config.device or device)
     max_length = config.max_length or models.read_metadata(models.resolve(config.model)).get("max_length", 512)
-    log(f"reward: model {config.model}, max_length {max_length}")
+    log(f"reward: model {config.model} on {config.device or device}, max_length {max_length}")
     from chatrlhf.recipes.reward import score_groups  # the same tokenisation as `reward score`
 
     def score(prompts, replies):
@@ -277,6 +291,7 @@ def step_prompts(items: list[PromptItem], step: int, size: int, seed: int) -> li
 @dataclass
 class Run:
     config: PPOConfig
+    engine: training.Engine
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
     critic: Critic
@@ -294,23 +309,36 @@ class Run:
     start_step: int = 0
 
 
-def setup(config: PPOConfig, reward_fn: RewardFn | None = None, log=print) -> Run:
-    train = config.train
+def setup(config: PPOConfig, reward_fn: RewardFn | None = None) -> Run:
+    train, ppo = config.train, config.ppo
+    engine = training.Engine(train.output_dir, train.grad_accum, train.max_grad_norm, train.bf16,
+                             max(1, ppo.minibatch_size // train.grad_accum), train.log_with)
+    log = engine.log
+    if engine.kind == "DEEPSPEED":
+        raise ValueError("PPO runs under DDP or FSDP, not DeepSpeed: it trains two models (policy and critic) "
+                         "with two optimizers, which one DeepSpeed engine does not support; launch with "
+                         "configs/accelerate/ddp.yaml or fsdp.yaml")
+    if engine.num_processes > 1:
+        log(engine.describe())
+    last_minibatch = ppo.rollout_prompts % ppo.minibatch_size or ppo.minibatch_size
+    if min(ppo.minibatch_size, last_minibatch) < train.grad_accum:
+        raise ValueError(f"train.grad_accum={train.grad_accum} splits each minibatch into that many micro-batches, "
+                         f"but a minibatch has {min(ppo.minibatch_size, last_minibatch)} replies (ppo.minibatch_size "
+                         f"{ppo.minibatch_size}, ppo.rollout_prompts {ppo.rollout_prompts})")
     training.seed_everything(train.seed)
     if not config.data.train:
         raise ValueError("data.train is not set: give a file of prompts, e.g. data.train=pairs.jsonl")
-    score = reward_scorer(config.reward, reward_fn, log)
-    resume_from = training.resume_path(train.resume, train.output_dir, log)
+    score = reward_scorer(config.reward, reward_fn, engine.device, log)
+    resume_from = engine.start(train.resume, train.overwrite)
     lora = config.policy.lora()
     policy, tokenizer = policy_lib.load_policy(str(resume_from) if resume_from else config.policy.name, lora=lora)
     reference = None
     if not lora:
         reference, _ = policy_lib.load_policy(config.policy.name)
-        reference.requires_grad_(False).eval()
+        reference.requires_grad_(False).eval().to(engine.device)
     critic = load_critic(config.policy.name, lora)
     train_items = load_prompts(config.data.train, config, tokenizer, config.data.limit, log)
     dev_items = load_prompts(config.data.dev, config, tokenizer, config.data.dev_limit, log) if config.data.dev else []
-    ppo = config.ppo
     total = train.steps * ppo.epochs * math.ceil(ppo.rollout_prompts / ppo.minibatch_size)
     optimizer, scheduler = training.optimizer_and_scheduler(
         policy, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total)
@@ -318,25 +346,69 @@ def setup(config: PPOConfig, reward_fn: RewardFn | None = None, log=print) -> Ru
         critic, train.critic_lr, train.weight_decay, train.schedule, train.warmup_ratio, total)
     stop = policy.generation_config.eos_token_id
     stop_ids = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop] if stop is not None else [])})
-    run = Run(config, policy, reference, critic, tokenizer, score, train_items, dev_items, optimizer,
+    # One model per prepare: accelerate's FSDP 2 shards one model (and its optimizer) per call.
+    policy, optimizer = engine.prepare(policy, optimizer)
+    critic, critic_optimizer = engine.prepare(critic, critic_optimizer)
+    run = Run(config, engine, policy, reference, critic, tokenizer, score, train_items, dev_items, optimizer,
               scheduler, critic_optimizer, critic_scheduler,
               losses.AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon),
               losses.RunningMoments(), stop_ids)
     if resume_from:
-        state = training.restore_state(resume_from, optimizer, scheduler)
-        unexpected = critic.load_state_dict(state["critic"], strict=False).unexpected_keys
-        if unexpected:  # missing keys are the frozen base, unexpected ones a different critic
-            raise ValueError(f"{resume_from}: the saved critic does not fit this config (e.g. {unexpected[0]})")
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
+        state = engine.restore(resume_from, policy, optimizer, scheduler)
+        if not engine.sharded:  # sharded, accelerate's state files held both models and optimizers
+            unexpected = engine.unwrap(critic).load_state_dict(state["critic"], strict=False).unexpected_keys
+            if unexpected:  # missing keys are the frozen base, unexpected ones a different critic
+                raise ValueError(f"{resume_from}: the saved critic does not fit this config (e.g. {unexpected[0]})")
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
         critic_scheduler.load_state_dict(state["critic_scheduler"])
         run.kl_controller.value = state["kl_coef"]
         vars(run.moments).update(state["reward_moments"])
         run.start_step = state["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {train.steps}")
+    if train.log_with:
+        engine.accelerator.init_trackers("ppo")
     return run
 
 
 # ---- rollouts -------------------------------------------------------------------------------
+
+def seed_of(*key) -> int:
+    """A 63-bit seed from a key such as (train.seed, "reply", step, prompt): the same on every
+    process and after a resume."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
+class PerPromptSampler(LogitsProcessor):
+    """Draws each row's next token with that row's own generator (temperature, then top-p), so a
+    prompt's reply depends on its seed, not on its batch; generate() then decodes greedily."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, -1).cpu()  # on the CPU: the same draws on any device
+        if self.top_p < 1:  # the most likely tokens up to mass top_p, the one crossing it included
+            sorted_probs, order = probs.sort(-1, descending=True)
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= self.top_p, 0))
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -math.inf).scatter(-1, tokens[:, None].to(scores.device), 0.0)
+
+
+@dataclass
+class Sample:
+    """One prompt's reply and what the update needs of it: (n,) tensors over its n reply tokens."""
+
+    item: PromptItem
+    reply_ids: torch.Tensor  # up to and including the first stop token
+    ended: bool  # whether the reply stopped by itself (False: cut at max_new_tokens)
+    reply: str
+    score: float
+    logps: torch.Tensor  # the policy's, at sampling time
+    reference_logps: torch.Tensor
+    values: torch.Tensor  # the critic's, at sampling time
+    entropy: torch.Tensor
+
 
 @dataclass
 class Rollout:
@@ -352,7 +424,26 @@ class Rollout:
     scores: torch.Tensor  # (B,) raw scores
     logps: torch.Tensor  # (B, N) policy log-probabilities at sampling time
     reference_logps: torch.Tensor  # (B, N)
+    values: torch.Tensor  # (B, N) critic values at sampling time
     entropy: torch.Tensor  # (B, N)
+
+
+def collate(samples: list[Sample], pad: int, device: torch.device) -> Rollout:
+    """The samples as one left-padded batch: every reply starts at column P."""
+    width, length = max(len(s.item.input_ids) for s in samples), max(len(s.reply_ids) for s in samples)
+    input_ids = torch.full((len(samples), width + length), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    per_token = {name: torch.zeros((len(samples), length)) for name in ("logps", "reference_logps", "values", "entropy")}
+    for row, s in enumerate(samples):
+        p, n = len(s.item.input_ids), len(s.reply_ids)
+        input_ids[row, width - p:width + n] = torch.cat([torch.tensor(s.item.input_ids), s.reply_ids])
+        attention_mask[row, width - p:width + n] = 1
+        for name, values in per_token.items():
+            values[row, :n] = getattr(s, name)
+    return Rollout([s.item for s in samples], input_ids.to(device), attention_mask.to(device), width,
+                   attention_mask[:, width:].bool().to(device), torch.tensor([s.ended for s in samples], device=device),
+                   [s.reply for s in samples], torch.tensor([s.score for s in samples], device=device),
+                   **{name: values.to(device) for name, values in per_token.items()})
 
 
 def policy_forward(model, input_ids, attention_mask, prompt_width: int, temperature: float):
@@ -369,15 +460,10 @@ def policy_forward(model, input_ids, attention_mask, prompt_width: int, temperat
     return logps, logits[:, :-1]
 
 
-def autocast(run: Run):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.config.train.bf16)
-
-
-def critic_values(critic: Critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
+def critic_values(critic, input_ids, attention_mask, prompt_width: int) -> torch.Tensor:
     """(B, N) V(state before each reply token)."""
-    ids, attention = rollout.input_ids[rows], rollout.attention_mask[rows]
-    values = critic(ids, attention, (attention.cumsum(-1) - 1).clamp(min=0))
-    return values[:, rollout.prompt_width - 1:-1]
+    values = critic(input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0))
+    return values[:, prompt_width - 1:-1]
 
 
 def reply_mask(reply_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,30 +474,32 @@ def reply_mask(reply_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def generate(run: Run, items: list[PromptItem], sample: bool = True) -> Rollout:
-    """Sample (or greedily decode) replies, then score them and take both models' log-probs."""
-    gen, pad = run.config.generation, run.tokenizer.pad_token_id
-    width = max(len(item.input_ids) for item in items)
-    prompt_ids = torch.full((len(items), width), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):  # left padding: every reply starts at column `width`
+def generate(run: Run, items: list[PromptItem], seeds: list[int], sample: bool = True) -> Rollout:
+    """Replies to ``items`` (sampled with a seed each, or greedy), scored, with the policy's and
+    the reference's log-probabilities and the critic's values. Each process does its share of the
+    items; the rollout returned is all of them, in their order, on every process."""
+    engine, gen, pad = run.engine, run.config.generation, run.tokenizer.pad_token_id
+    # A process left without items runs the first one too (every process of a sharded model
+    # takes part in each forward) and keeps nothing of it.
+    rows, weight = engine.share(list(range(len(items))))
+    mine = [items[r] for r in rows]
+    policy = engine.unwrap(run.policy)  # no gradients: no need of DDP's wrapper
+    width = max(len(item.input_ids) for item in mine)
+    prompt_ids = torch.full((len(mine), width), pad, dtype=torch.long)
+    for row, item in enumerate(mine):  # left padding: every reply starts at column `width`
         prompt_ids[row, width - len(item.input_ids):] = torch.tensor(item.input_ids)
-        prompt_mask[row, width - len(item.input_ids):] = 1
-    run.policy.eval()
-    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": 0} if sample else {"do_sample": False}
-    # Decoding is bound by Python overhead and weight reads, not by matmuls: a LoRA adapter is
-    # merged into the weights for it, and it runs in float32 (autocast would re-cast every
-    # frozen weight at every token).
+    prompt_mask = torch.arange(width) >= torch.tensor([[width - len(item.input_ids)] for item in mine])
+    prompt_ids, prompt_mask = prompt_ids.to(engine.device), prompt_mask.long().to(engine.device)
+    policy.eval()
+    sampler = [PerPromptSampler([seeds[r] for r in rows], gen.temperature, gen.top_p)] if sample else []
+    decode = lambda model: model.generate(  # noqa: E731
+        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=gen.max_new_tokens, do_sample=False,
+        logits_processor=LogitsProcessorList(sampler), pad_token_id=pad, eos_token_id=run.stop_ids,
+        return_dict_in_generate=True, output_logits=True, synced_gpus=engine.sharded)  # sharded: the done wait
+    # Under FSDP a peft model's generate() runs the model inside it, past the hook of the outer
+    # module that gathers its own weights: run it as that module's forward.
     lora = run.reference is None
-    if lora:
-        run.policy.merge_adapter()
-    try:
-        output = run.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=gen.max_new_tokens,
-                                     pad_token_id=pad, eos_token_id=run.stop_ids, return_dict_in_generate=True,
-                                     output_logits=True, **sampling)
-    finally:
-        if lora:
-            run.policy.unmerge_adapter()
+    output = training.call_through(policy, decode) if lora and engine.sharded else decode(policy)
     sequences, reply_ids = output.sequences, output.sequences[:, width:]
     mask, ended = reply_mask(reply_ids, run.stop_ids)
     replies = [run.tokenizer.decode(ids[m], skip_special_tokens=True).strip() for ids, m in zip(reply_ids, mask)]
@@ -419,24 +507,25 @@ def generate(run: Run, items: list[PromptItem], sample: bool = True) -> Rollout:
     # In float32 the sampling-time log-probabilities are generate()'s logits, no second forward
     # pass (equal to a full forward's up to rounding, see tests/test_ppo.py). With bf16 they are
     # recomputed under the same autocast as the reference and the updates, so the ratios and the
-    # KL compare like with like rather than bf16 rounding with float32.
-    if run.config.train.bf16:
-        with autocast(run):
-            logps, logits = policy_forward(run.policy, sequences, attention_mask, width, gen.temperature)
+    # KL compare like with like rather than cached decoding's bf16 rounding with a full forward's.
+    if engine.bf16:
+        with engine.autocast():
+            logps, logits = policy_forward(policy, sequences, attention_mask, width, gen.temperature)
     else:
         logits = torch.stack(output.logits, dim=1).float() / gen.temperature  # (B, N, V)
         logps = logits.gather(-1, reply_ids[..., None])[..., 0] - logits.logsumexp(-1)
-    if lora:
-        with run.policy.disable_adapter(), autocast(run):
-            reference_logps, _ = policy_forward(run.policy, sequences, attention_mask, width, gen.temperature)
-    else:
-        with autocast(run):
-            reference_logps, _ = policy_forward(run.reference, sequences, attention_mask, width, gen.temperature)
-    scores = torch.tensor(run.score([item.prompt for item in items], replies), dtype=torch.float32)
-    if not torch.isfinite(scores).all():
-        raise FloatingPointError(f"the reward source returned non-finite scores: {scores.tolist()}")
-    return Rollout(items, sequences, attention_mask, width, mask, ended, replies, scores, logps, reference_logps,
-                   losses.entropy_from_logits(logits))
+    with (policy.disable_adapter() if lora else nullcontext()), engine.autocast():
+        reference_logps, _ = policy_forward(policy if lora else run.reference, sequences, attention_mask, width,
+                                            gen.temperature)
+        values = critic_values(engine.unwrap(run.critic).eval(), sequences, attention_mask, width)
+    entropy, scores = losses.entropy_from_logits(logits), run.score([item.prompt for item in mine], replies)
+    samples = [Sample(item, reply_ids[r, :n].cpu(), bool(ended[r]), replies[r], float(scores[r]), logps[r, :n].cpu(),
+                      reference_logps[r, :n].cpu(), values[r, :n].float().cpu(), entropy[r, :n].cpu())
+               for r, (item, n) in enumerate(zip(mine, mask.sum(-1).tolist()))]
+    rollout = collate(engine.gather(samples if weight else []), pad, engine.device)
+    if not torch.isfinite(rollout.scores).all():
+        raise FloatingPointError(f"the reward source returned non-finite scores: {rollout.scores.tolist()}")
+    return rollout
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -451,13 +540,12 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # ---- fit ------------------------------------------------------------------------------------
 
 def ppo_step(run: Run, rollout: Rollout, step: int) -> dict:
-    """Rewards, advantages, and ``ppo.epochs`` passes of minibatch updates on one rollout."""
-    ppo, train = run.config.ppo, run.config.train
+    """Rewards, advantages, and ``ppo.epochs`` passes of minibatch updates on one rollout (the
+    whole rollout, on every process: each takes its share of every micro-batch)."""
+    engine, ppo, train = run.engine, run.config.ppo, run.config.train
     mask = rollout.mask
     with torch.no_grad():
-        run.critic.eval()
-        with autocast(run):
-            old_values = critic_values(run.critic, rollout) * mask
+        old_values = rollout.values * mask
         scores = rollout.scores.clone()
         if run.config.reward.missing_eos_penalty is not None:
             scores -= run.config.reward.missing_eos_penalty * (~rollout.ended).float()
@@ -471,48 +559,52 @@ def ppo_step(run: Run, rollout: Rollout, step: int) -> dict:
         advantages, returns = losses.gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             advantages = losses.masked_whiten(advantages, mask)
-    stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "value_clip_fraction": [], "approx_kl": []}
+    # This process's share of each minibatch's token means: policy loss, value loss, clip
+    # fractions, approx KL; summed over the processes at the end of the step.
+    sums, grad_norms, critic_grad_norms = torch.zeros(5, device=engine.device), [], []
     run.policy.train()
     run.critic.train()
     for epoch in range(ppo.epochs):
-        order = torch.randperm(len(rollout.items))
+        order = torch.randperm(len(rollout.items), generator=torch.Generator().manual_seed(seed_of(train.seed, "minibatches", step, epoch)))
         for start in range(0, len(order), ppo.minibatch_size):
-            rows = order[start:start + ppo.minibatch_size]
-            m = mask[rows]
-            with autocast(run):
-                logps, _ = policy_forward(run.policy, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                          rollout.prompt_width, run.config.generation.temperature)
-                values = critic_values(run.critic, rollout, rows)
-            per_token, clipped = losses.ppo_policy_loss(logps, rollout.logps[rows], advantages[rows], ppo.clip_range)
-            policy_loss = losses.masked_mean(per_token, m)
-            per_token_v, clipped_v = losses.ppo_value_loss(values, old_values[rows], returns[rows], ppo.value_clip_range)
-            value_loss = losses.masked_mean(per_token_v, m)
-            if not (torch.isfinite(policy_loss) and torch.isfinite(value_loss)):
-                raise FloatingPointError(f"non-finite loss at step {step} (policy {policy_loss.item()}, value "
-                                         f"{value_loss.item()}); the last good checkpoint is in "
-                                         f"{train.output_dir}/{CHECKPOINTS}")
-            # Separate networks and optimizers: no value coefficient to balance the two losses.
-            for loss, model, optimizer, scheduler in ((policy_loss, run.policy, run.optimizer, run.scheduler),
-                                                      (value_loss, run.critic, run.critic_optimizer, run.critic_scheduler)):
-                loss.backward()
-                if train.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                stats["policy_loss"].append(policy_loss.item())
-                stats["value_loss"].append(value_loss.item())
-                stats["clip_fraction"].append(losses.masked_mean(clipped.float(), m).item())
-                stats["value_clip_fraction"].append(losses.masked_mean(clipped_v.float(), m).item())
-                stats["approx_kl"].append(losses.masked_mean(losses.kl_penalty(logps, rollout.logps[rows], "k3"), m).item())
+            minibatch = order[start:start + ppo.minibatch_size]
+            tokens = int(mask[minibatch].sum())  # the token mean's denominator: the whole minibatch's
+            for micro in minibatch.tensor_split(train.grad_accum):
+                rows, weight = engine.share(micro.tolist())
+                m = mask[rows]
+                with engine.accumulate(run.policy, run.critic):
+                    with engine.autocast():
+                        logps, _ = policy_forward(run.policy, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                                  rollout.prompt_width, run.config.generation.temperature)
+                        values = critic_values(run.critic, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                               rollout.prompt_width)
+                    per_token, clipped = losses.ppo_policy_loss(logps, rollout.logps[rows], advantages[rows], ppo.clip_range)
+                    per_token_v, clipped_v = losses.ppo_value_loss(values, old_values[rows], returns[rows],
+                                                                   ppo.value_clip_range)
+                    policy_sum, value_sum = (per_token * m).sum(), (per_token_v * m).sum()
+                    # Separate networks and optimizers: no value coefficient to balance the two
+                    # losses, one backward for both. backward divides by grad_accum and the
+                    # processes' gradients are averaged: scaled back, each gradient is the
+                    # minibatch's summed token loss over its token count.
+                    scale = train.grad_accum * engine.num_processes / tokens * (weight > 0)
+                    engine.backward((policy_sum + value_sum) * scale)
+                if weight:
+                    with torch.no_grad():
+                        approx_kl = losses.kl_penalty(logps, rollout.logps[rows], "k3") * m
+                        sums += torch.stack([policy_sum, value_sum, (clipped & m).sum(), (clipped_v & m).sum(),
+                                             approx_kl.sum()]).float() / tokens
+            grad_norms.append(engine.step(run.policy, run.optimizer, run.scheduler, step))
+            critic_grad_norms.append(engine.step(run.critic, run.critic_optimizer, run.critic_scheduler, step))
+    updates = len(grad_norms)
+    means = [engine.reduce_sum(value) / updates for value in sums.tolist()]
     sequence_kl = (losses.kl_penalty(rollout.logps, rollout.reference_logps, "k1") * mask).sum(-1).mean().item()
     entry = {"step": step + 1, "reward": rollout.scores.mean().item(), "reward_std": rollout.scores.std(unbiased=False).item(),
              "normalized_reward": scores.mean().item(), "kl": sequence_kl, "kl_coef": run.kl_controller.value,
              "entropy": losses.masked_mean(rollout.entropy, mask).item(),
-             **{k: sum(v) / len(v) for k, v in stats.items()},
+             **dict(zip(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl"), means)),
              "explained_variance": explained_variance(old_values, returns, mask),
              "response_length": mask.sum(-1).float().mean().item(), "ended": rollout.ended.float().mean().item(),
+             "grad_norm": sum(grad_norms) / updates, "critic_grad_norm": sum(critic_grad_norms) / updates,
              "lr": run.scheduler.get_last_lr()[0]}
     run.kl_controller.update(sequence_kl, len(rollout.items))
     return entry
@@ -520,31 +612,31 @@ def ppo_step(run: Run, rollout: Rollout, step: int) -> dict:
 
 def fit(run: Run) -> dict:
     """The loop: rollout -> PPO update -> log, samples, held-out evaluation, checkpoints."""
-    config, train = run.config, run.config.train
-    out = Path(train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file, samples_file = out / "metrics.jsonl", out / "samples.jsonl"
+    config, engine, train = run.config, run.engine, run.config.train
+    samples_file = Path(train.output_dir) / "samples.jsonl"
     last_eval = {}
     if run.dev_items and run.start_step == 0:
         last_eval = evaluate(run, 0)
-        _append(log_file, {"step": 0, **{f"eval_{k}": v for k, v in last_eval.items()}})
-    bar = tqdm(range(run.start_step, train.steps), initial=run.start_step, total=train.steps, desc="ppo", dynamic_ncols=True)
+        engine.write_metrics({"step": 0, **{f"eval_{k}": v for k, v in last_eval.items()}})
+    bar = engine.progress(run.start_step, train.steps, "ppo")
     for step in bar:
         started = time.perf_counter()
-        rollout = generate(run, step_prompts(run.train_items, step, config.ppo.rollout_prompts, train.seed))
+        items = step_prompts(run.train_items, step, config.ppo.rollout_prompts, train.seed)
+        rollout = generate(run, items, [seed_of(train.seed, "reply", step, i) for i in range(len(items))])
         entry = ppo_step(run, rollout, step)
         if hasattr(run.score, "cut"):
-            entry["reward_inputs_cut"] = run.score.cut
+            entry["reward_inputs_cut"] = int(engine.reduce_sum(run.score.cut))
         done = step + 1 == train.steps
         if run.dev_items and ((train.eval_every and (step + 1) % train.eval_every == 0) or done):
             last_eval = evaluate(run, step + 1)
             entry.update({f"eval_{k}": v for k, v in last_eval.items()})
         entry["seconds"] = time.perf_counter() - started
-        _append(log_file, entry)
-        if step == 0 or (train.sample_every and (step + 1) % train.sample_every == 0):
-            for i in range(min(train.samples, len(rollout.items))):
-                _append(samples_file, {"step": step + 1, "prompt": rollout.items[i].prompt, "reply": rollout.replies[i],
-                                       "score": rollout.scores[i].item(), "ended": bool(rollout.ended[i])})
+        engine.write_metrics(entry)
+        if engine.is_main and (step == 0 or (train.sample_every and (step + 1) % train.sample_every == 0)):
+            with samples_file.open("a") as f:
+                for i in range(min(train.samples, len(rollout.items))):
+                    f.write(json.dumps({"step": step + 1, "prompt": rollout.items[i].prompt, "reply": rollout.replies[i],
+                                        "score": rollout.scores[i].item(), "ended": bool(rollout.ended[i])}) + "\n")
         postfix = {"reward": f"{entry['reward']:.3f}", "kl": f"{entry['kl']:.2f}"}
         if "eval_reward" in entry:
             postfix["eval_reward"] = f"{entry['eval_reward']:.3f}"
@@ -555,30 +647,29 @@ def fit(run: Run) -> dict:
     return last_eval
 
 
-def _append(path: Path, entry: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 # ---- evaluate -------------------------------------------------------------------------------
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out mean reward, KL to the reference and reply length; every reply goes to
-    ``eval_samples.jsonl``. Sampling uses a fixed seed (the training random state is put back
-    after), so successive evaluations differ only by the policy."""
-    size = run.config.ppo.rollout_prompts
-    scores, kls, lengths = [], [], []
-    samples_file = Path(run.config.train.output_dir) / "eval_samples.jsonl"
-    samples_file.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(run.config.train.seed + 1)
-        for start in range(0, len(run.dev_items), size):
-            rollout = generate(run, run.dev_items[start:start + size], sample=not run.config.generation.eval_greedy)
-            scores += rollout.scores.tolist()
-            kls += (losses.kl_penalty(rollout.logps, rollout.reference_logps, "k1") * rollout.mask).sum(-1).tolist()
-            lengths += rollout.mask.sum(-1).tolist()
-            for item, reply, score in zip(rollout.items, rollout.replies, rollout.scores.tolist()):
-                _append(samples_file, {"step": step, "prompt": item.prompt, "reply": reply, "score": score})
+    ``eval_samples.jsonl``. Each prompt's reply is sampled with the same seed at every
+    evaluation, so successive evaluations differ only by the policy."""
+    config = run.config
+    size = config.ppo.rollout_prompts
+    scores, kls, lengths, rows = [], [], [], []
+    for start in range(0, len(run.dev_items), size):
+        items = run.dev_items[start:start + size]
+        seeds = [seed_of(config.train.seed, "eval", start + i) for i in range(len(items))]
+        rollout = generate(run, items, seeds, sample=not config.generation.eval_greedy)
+        scores += rollout.scores.tolist()
+        kls += (losses.kl_penalty(rollout.logps, rollout.reference_logps, "k1") * rollout.mask).sum(-1).tolist()
+        lengths += rollout.mask.sum(-1).tolist()
+        rows += [{"step": step, "prompt": item.prompt, "reply": reply, "score": score}
+                 for item, reply, score in zip(rollout.items, rollout.replies, rollout.scores.tolist())]
+    if run.engine.is_main:
+        samples_file = Path(config.train.output_dir) / "eval_samples.jsonl"
+        samples_file.parent.mkdir(parents=True, exist_ok=True)
+        with samples_file.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     n = len(scores)
     mean = sum(scores) / n
     sem = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1) / n)
@@ -620,25 +711,33 @@ def metadata(config: PPOConfig, result: dict | None = None) -> dict:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    state = training.training_state(
-        step, run.optimizer, run.scheduler, critic=trainable_state(run.critic),
-        critic_optimizer=run.critic_optimizer.state_dict(), critic_scheduler=run.critic_scheduler.state_dict(),
-        kl_coef=run.kl_controller.value, reward_moments=dict(vars(run.moments)))
-    training.save_checkpoint(run.config.train.output_dir, step, run.policy, run.tokenizer, metadata(run.config),
-                             state, run.config.train.keep_checkpoints)
+    """The policy, its optimizer and schedule (the engine's), and the critic's trainable weights,
+    optimizer and schedule, the KL coefficient and the reward moments as extra state."""
+    engine = run.engine
+    extra = {"critic_scheduler": run.critic_scheduler.state_dict(), "kl_coef": run.kl_controller.value,
+             "reward_moments": dict(vars(run.moments))}
+    if not engine.sharded:  # sharded, accelerate's state files hold both models and optimizers
+        # Only what trains: a LoRA critic's frozen base comes back from the backbone's files.
+        critic = {n: p.detach().clone() for n, p in engine.unwrap(run.critic).named_parameters() if p.requires_grad}
+        extra.update(critic=critic, critic_optimizer=run.critic_optimizer.state_dict())
+    engine.save_checkpoint(step, run.policy, run.tokenizer, metadata(run.config), run.optimizer, run.scheduler,
+                           run.config.train.keep_checkpoints, **extra)
 
 
 def train(config: PPOConfig, reward_fn: RewardFn | None = None) -> dict:
     """setup -> fit -> evaluate -> save; returns the last held-out evaluation ({} without data.dev)."""
     run = setup(config, reward_fn)
+    engine = run.engine
     result = fit(run) if run.start_step < config.train.steps else (evaluate(run, run.start_step) if run.dev_items else {})
+    folder = engine.save_final(run.policy, run.tokenizer, metadata(config, result))
+    engine.end()
     out = Path(config.train.output_dir)
-    models.save_model(run.policy, run.tokenizer, out / "model", metadata(config, result))
-    print(f"saved the policy to {out / 'model'}")
-    if result and (out / "metrics.jsonl").exists():
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
-        print(f"held-out mean reward {result['reward']:.4f} +- {result['reward_sem']:.4f}, KL {result['kl']:.3f} "
-              f"on {result['prompts']} prompts; curves in {out / 'curves.png'}")
+    if engine.is_main:
+        print(f"saved the policy to {folder}")
+        if result and (out / "metrics.jsonl").exists():
+            plot_curves(out / "metrics.jsonl", out / "curves.png")
+            print(f"held-out mean reward {result['reward']:.4f} +- {result['reward_sem']:.4f}, KL {result['kl']:.3f} "
+                  f"on {result['prompts']} prompts; curves in {out / 'curves.png'}")
     return result
 
 

@@ -39,7 +39,7 @@ class Run:
     """Everything fit() needs, built by setup()."""
 
     config: RewardConfig
-    accelerator: object
+    engine: training.Engine
     model: torch.nn.Module
     tokenizer: object
     train_groups: list[Group]
@@ -82,26 +82,20 @@ def load_groups(path: str, config: RewardConfig, tokenizer, limit: int | None = 
 # ---- setup ----------------------------------------------------------------------------------
 
 def setup(config: RewardConfig) -> Run:
-    from accelerate import Accelerator
-
     train = config.train
-    # cpu=True on a machine without GPU: processes started by `accelerate launch` (torchrun)
-    # then join a gloo group instead of each running alone (configs/accelerate/cpu_2proc.yaml).
-    bf16 = training.use_bf16(train.bf16)
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not has_accelerator(),
-                              log_with=train.log_with, project_dir=train.output_dir)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    engine = training.Engine(train.output_dir, train.grad_accum, train.max_grad_norm, train.bf16,
+                             train.batch_size, train.log_with)
+    log = engine.log
     if train.bf16 == "auto":
-        log(f"train.bf16=auto: bf16 autocast {'on' if bf16 else 'off'} (native bf16 "
-            f"{'found' if bf16 else 'not found'} on {accelerator.device.type})")
-    if accelerator.num_processes > 1:
-        log(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value} on "
-            f"{accelerator.device.type}); each takes its share of every batch")
+        log(f"train.bf16=auto: bf16 autocast {'on' if engine.bf16 else 'off'} (native bf16 "
+            f"{'found' if engine.bf16 else 'not found'} on {engine.device.type})")
+    if engine.num_processes > 1:
+        log(engine.describe())
     training.seed_everything(train.seed)
     if not config.data.train:
         raise ValueError("data.train is not set: give a training file, e.g. data.train=pairs.jsonl")
 
-    resume_from = training.resume_path(train.resume, train.output_dir, log)
+    resume_from = engine.start(train.resume, train.overwrite)
     model_source = str(resume_from) if resume_from else config.model.name
     model, tokenizer = models.load_reward_model(model_source, lora=config.model.lora(),
                                                 dropout=config.model.dropout)
@@ -115,45 +109,15 @@ def setup(config: RewardConfig) -> Run:
     total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
     optimizer, scheduler = training.optimizer_and_scheduler(
         model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    run = Run(config, accelerator, model, tokenizer, train_groups, dev_groups, optimizer, scheduler,
+    model, optimizer = engine.prepare(model, optimizer)
+    run = Run(config, engine, model, tokenizer, train_groups, dev_groups, optimizer, scheduler,
               total_steps, batches_per_epoch)
     if resume_from:
-        run.start_step = training.restore_state(resume_from, optimizer, scheduler)["step"]
+        run.start_step = engine.restore(resume_from, model, optimizer, scheduler)["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
-        if accelerator.is_main_process:
-            drop_later_steps(Path(train.output_dir) / "metrics.jsonl", run.start_step, log)
     if train.log_with:
-        accelerator.init_trackers("reward", config=_flat(cfg_lib.to_dict(config)))
+        engine.accelerator.init_trackers("reward", config=_flat(cfg_lib.to_dict(config)))
     return run
-
-
-def has_accelerator() -> bool:
-    """A GPU (or other accelerator) torch can use."""
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator else torch.cuda.is_available()
-
-
-def drop_later_steps(log_file: Path, step: int, log=print) -> None:
-    """Remove the metrics.jsonl lines of steps after ``step``: a run killed between two
-    checkpoints logged steps that the resumed run does again (a line cut by the kill goes too)."""
-    if not log_file.exists():
-        return
-    kept, dropped = [], 0
-    for line in log_file.read_text().splitlines():
-        try:
-            entry_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            entry_step = None
-        if entry_step is not None and entry_step <= step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        staging = log_file.with_name(log_file.name + ".tmp")
-        staging.write_text("".join(line + "\n" for line in kept))
-        staging.replace(log_file)
-        log(f"{log_file}: dropped {dropped} line(s) logged after step {step}, done again now")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -179,9 +143,10 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
     cut to its own longest sequence: a pair's two replies often differ a lot in length, and
     padding both to the longest of the batch wastes a fifth of the compute on HH.
     """
-    if share_prompt and max(batch["group_sizes"]) > 1 and sharing.can_share(model):
-        return sharing.shared_prompt_rewards(model, batch["input_ids"], batch["attention_mask"],
-                                             batch["group_sizes"], pad_id, rows_per_forward)
+    if share_prompt and max(batch["group_sizes"]) > 1 and sharing.can_share(training.inner(model)):
+        # Through the wrapper's forward (DDP synchronises the gradients, FSDP gathers the weights).
+        return training.call_through(model, lambda inner: sharing.shared_prompt_rewards(
+            inner, batch["input_ids"], batch["attention_mask"], batch["group_sizes"], pad_id, rows_per_forward))
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
     with encoders.packed(model, batch["attention_mask"]) as padding_free:
         if padding_free or not rows_per_forward or rows_per_forward >= len(batch["input_ids"]):
@@ -219,22 +184,16 @@ def split_rewards(rewards: list[float], group_sizes: list[int]) -> list[list[flo
 
 def fit(run: Run) -> dict:
     """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
-    config, accelerator, model = run.config, run.accelerator, run.model
+    config, engine, model = run.config, run.engine, run.model
     train = config.train
-    main = accelerator.is_main_process
     has_ties = any(len(set(g.ranks)) < len(g.ranks) for g in run.train_groups)
     # Data without ties trains plain Bradley-Terry (Davidson with nu = 0), see losses.py.
     tie_nu = config.loss.tie_nu if has_ties else 0.0
-    log_file = Path(train.output_dir) / "metrics.jsonl"
-    Path(train.output_dir).mkdir(parents=True, exist_ok=True)
     pad_id = run.tokenizer.pad_token_id
-    # Calling the model's body directly would bypass DDP's gradient synchronisation.
-    share = train.share_prompt and accelerator.num_processes == 1
     epoch_batches: dict[int, list[list[int]]] = {}
     recent_loss, recent_correct, recent_total = [], 0, 0
     last_eval: dict = {}
-    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
-               desc="reward train", disable=not main, dynamic_ncols=True)
+    bar = engine.progress(run.start_step, run.total_steps, "reward train")
     model.train()
     for step in bar:
         started = time.perf_counter()
@@ -244,54 +203,45 @@ def fit(run: Run) -> dict:
             epoch, position = divmod(index, run.batches_per_epoch)
             if epoch not in epoch_batches:
                 epoch_batches = {epoch: bucketed_batches(run.train_groups, train.batch_size, train.seed, epoch)}
-            batch_ids = epoch_batches[epoch][position]
-            # Each process takes its share of the groups: the global batch is the same
-            # whatever the number of processes.
-            mine = batch_ids[accelerator.process_index::accelerator.num_processes]
-            # DDP averages the processes' gradients: weighing each process's mean loss by its
-            # share of the batch makes that the mean over the whole batch, even when the batch
-            # does not split evenly. A process with no group runs one at weight 0 (DDP needs
-            # every process to take part in each backward).
-            weight = len(mine) * accelerator.num_processes / len(batch_ids)
-            groups = [run.train_groups[i] for i in mine or batch_ids[:1]]
+            # Each process takes its share of the groups, weighted so that the gradient is the
+            # whole batch's mean whatever the number of processes (Engine.share).
+            mine, weight = engine.share(epoch_batches[epoch][position])
+            groups = [run.train_groups[i] for i in mine]
             batch = collate(groups, pad_id)
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            tokens += int(batch["attention_mask"].sum())
-            step_pairs += sum(k * (k - 1) // 2 for k in batch["group_sizes"])
-            sync = micro == train.grad_accum - 1
-            with (accelerator.no_sync(model) if not sync else nullcontext()):
-                with accelerator.autocast():
-                    rewards = forward_rewards(model, batch, share, pad_id, train.rows_per_forward)
+            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum()) if weight else 0
+            step_pairs += sum(k * (k - 1) // 2 for k in batch["group_sizes"]) if weight else 0
+            with engine.accumulate(model):
+                with engine.autocast():
+                    rewards = forward_rewards(model, batch, train.share_prompt, pad_id, train.rows_per_forward)
                 loss = group_loss(rewards, batch, config, tie_nu)
                 if not torch.isfinite(rewards).all():
                     raise non_finite("reward", rewards.tolist(), step, groups, run)
                 if not torch.isfinite(loss):
                     raise non_finite("loss", loss.item(), step, groups, run)
-                accelerator.backward(loss * weight / train.grad_accum)
+                engine.backward(loss * weight)
             step_groups += groups
             step_loss += loss.detach() * weight / train.grad_accum
-            if config.loss.objective == "comparisons":
+            if config.loss.objective == "comparisons" and weight:
                 for r, g in zip(split_rewards(rewards.tolist(), batch["group_sizes"]), groups):
                     c, w, _ = metrics.pairwise_outcomes(r, g.ranks)
                     recent_correct, recent_total = recent_correct + c, recent_total + c + w
-        # Without clipping (max_grad_norm 0) the norm is still measured (an infinite bound
-        # clips nothing): a non-finite gradient must stop the run before the optimizer step.
-        # (DeepSpeed clips inside its engine, by its config's gradient_clipping, and gives no
-        # norm before its first step: None.)
-        norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm or float("inf"))
-        grad_norm = float("nan") if norm is None else float(norm)
-        if norm is not None and not math.isfinite(grad_norm):
-            raise non_finite("gradient norm", grad_norm, step, step_groups, run)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        step_loss = accelerator.reduce(step_loss, "mean").item()  # the whole batch's loss
+        try:
+            grad_norm = engine.step(model, run.optimizer, run.scheduler, step)
+        except FloatingPointError:
+            raise non_finite("gradient norm", "inf/nan", step, step_groups, run) from None
+        # The whole batch's loss, tokens and pairs (each process counted its share).
+        step_loss = engine.accelerator.reduce(step_loss, "mean").item()
+        tokens, step_pairs = int(engine.reduce_sum(tokens)), int(engine.reduce_sum(step_pairs))
 
         recent_loss = (recent_loss + [step_loss])[-20:]
         seconds = time.perf_counter() - started
         entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
                  "grad_norm": grad_norm, "seconds": seconds, "tokens": tokens, "pairs": step_pairs,
                  "tokens_per_s": tokens / seconds}
+        if step == run.start_step:  # which fast paths this launch config got
+            entry["paths"] = training.fast_paths()
+            engine.log(f"forward: {', '.join(entry['paths'])} ({engine.describe()})")
         postfix = {"loss": f"{sum(recent_loss) / len(recent_loss):.3f}"}
         if recent_total:
             entry["train_accuracy"] = recent_correct / recent_total
@@ -304,11 +254,7 @@ def fit(run: Run) -> dict:
             postfix["dev_acc"] = f"{last_eval.get('accuracy', float('nan')):.3f}"
             model.train()
         bar.set_postfix(postfix)
-        if main:
-            with log_file.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-        if train.log_with:
-            accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step + 1)
+        engine.write_metrics(entry)
         if (train.save_every and (step + 1) % train.save_every == 0) or done:
             save_checkpoint(run, step + 1)
     bar.close()
@@ -375,9 +321,11 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
 def evaluate(run: Run) -> dict:
     """Dev metrics in float32, also after bf16 training: the saved weights are float32, and
     that is how ``reward eval``, the server and other tools score with them."""
-    model = run.accelerator.unwrap_model(run.model)
-    rewards = score_groups(model, run.dev_groups, run.tokenizer.pad_token_id,
-                           run.config.train.eval_batch_tokens)
+    engine, pad_id, budget = run.engine, run.tokenizer.pad_token_id, run.config.train.eval_batch_tokens
+    if engine.sharded:  # every process takes part in each forward of a sharded model
+        rewards = score_groups(run.model, run.dev_groups, pad_id, budget)
+    else:  # each process scores its share
+        rewards = engine.gather(score_groups(engine.unwrap(run.model), engine.mine(run.dev_groups), pad_id, budget))
     result = metrics.summarize(rewards, [g.ranks for g in run.dev_groups])
     flat = [r for group in rewards for r in group]
     result["reward_mean"] = statistics.fmean(flat)
@@ -402,33 +350,18 @@ def metadata(config: RewardConfig, result: dict | None = None) -> dict:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    """Model (HF format) and training state, written whole or not at all; old ones pruned."""
-    accelerator = run.accelerator
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        training.save_checkpoint(run.config.train.output_dir, step, accelerator.unwrap_model(run.model),
-                                 run.tokenizer, metadata(run.config),
-                                 training.training_state(step, run.optimizer, run.scheduler),
-                                 run.config.train.keep_checkpoints)
-
-
-def save_final(run: Run, result: dict) -> Path:
-    folder = Path(run.config.train.output_dir) / "model"
-    if run.accelerator.is_main_process:
-        models.save_model(run.accelerator.unwrap_model(run.model), run.tokenizer, folder,
-                                 metadata(run.config, result))
-    run.accelerator.wait_for_everyone()
-    return folder
+    """Model (HF format; LoRA: adapter and head) and training state, written whole or not at all."""
+    run.engine.save_checkpoint(step, run.model, run.tokenizer, metadata(run.config), run.optimizer,
+                               run.scheduler, run.config.train.keep_checkpoints)
 
 
 def train(config: RewardConfig) -> dict:
     """setup -> fit -> evaluate -> save; returns the final dev metrics (empty without dev data)."""
     run = setup(config)
     result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_groups else {})
-    folder = save_final(run, result)
-    if config.train.log_with:
-        run.accelerator.end_training()
-    if run.accelerator.is_main_process:
+    folder = run.engine.save_final(run.model, run.tokenizer, metadata(config, result))
+    run.engine.end()
+    if run.engine.is_main:
         print(f"saved reward model to {folder}")
         if result:
             print(format_metrics(result, "dev"))

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import models, policy, sharing, training
@@ -70,7 +69,12 @@ class PolicyTrainConfig:
     save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                             "checkpoints and logs (without it, such a run stops and says so)")
     seed: int = option(42, "seed for initialisation and data order")
+    bf16: bool | str = option(False, "bf16 autocast on the training device: true, false, or 'auto' (where it "
+                              "computes bf16 natively); weights stay float32")
+    log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
     eval_batch_size: int = option(16, "sequences per batch when evaluating")
 
     def __post_init__(self):
@@ -81,6 +85,8 @@ class PolicyTrainConfig:
             raise ValueError(f"train.lr: expected > 0, found {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
 
 
 @dataclasses.dataclass
@@ -99,6 +105,11 @@ class Example(policy.Encoded):
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def reply_tokens(self) -> int:
+        """Tokens with a loss: the reply's (a row's first token has no target)."""
+        return self.num_tokens - max(self.prompt_tokens, 1)
 
 
 def _sft_rows(path: Path):
@@ -285,9 +296,9 @@ def forward(model, batch: dict) -> torch.Tensor:
 @dataclass
 class Run:
     config: SFTConfig
+    engine: training.Engine
     model: torch.nn.Module
     tokenizer: object
-    device: torch.device
     train_examples: list[Example]
     dev_examples: list[Example]
     optimizer: torch.optim.Optimizer
@@ -297,16 +308,19 @@ class Run:
     start_step: int = 0
 
 
-def setup(config: SFTConfig, log=print) -> Run:
+def setup(config: SFTConfig) -> Run:
     train = config.train
+    engine = training.Engine(train.output_dir, train.grad_accum, train.max_grad_norm, train.bf16,
+                             train.batch_size, train.log_with)
+    log = engine.log
+    if engine.num_processes > 1:
+        log(engine.describe())
     training.seed_everything(train.seed)
     if not config.data.train:
         raise ValueError("data.train is not set: give a training file, e.g. data.train=chats.jsonl")
-    resume_from = training.resume_path(train.resume, train.output_dir, log)
+    resume_from = engine.start(train.resume, train.overwrite)
     model, tokenizer = policy.load_policy(str(resume_from) if resume_from else config.model.name,
                                           lora=config.model.lora(), dropout=config.model.dropout)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     if config.data.packing and (unmasked := sharing.unmasked_layers(model.config)):
         raise ValueError(f"data.packing=true needs a model whose layers all attend through a mask; "
                          f"{config.model.name} has {unmasked} layers, which ignore it, so packed "
@@ -326,59 +340,70 @@ def setup(config: SFTConfig, log=print) -> Run:
     total_steps = train.max_steps or math.ceil(train.epochs * len(batches) / train.grad_accum)
     optimizer, scheduler = training.optimizer_and_scheduler(
         model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
-    run = Run(config, model, tokenizer, device, train_examples, dev_examples, optimizer, scheduler,
+    model, optimizer = engine.prepare(model, optimizer)
+    run = Run(config, engine, model, tokenizer, train_examples, dev_examples, optimizer, scheduler,
               total_steps, len(batches))
     if resume_from:
-        run.start_step = training.restore_state(resume_from, optimizer, scheduler)["step"]
+        run.start_step = engine.restore(resume_from, model, optimizer, scheduler)["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
     return run
 
 
 def fit(run: Run) -> dict:
-    """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
-    config, model, train = run.config, run.model, run.config.train
-    Path(train.output_dir).mkdir(parents=True, exist_ok=True)
-    log_file = Path(train.output_dir) / "metrics.jsonl"
+    """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints.
+
+    The loss is the mean over every reply token of the optimizer step's whole batch, all its
+    micro-batches and processes together (as transformers >= 4.46): a micro-batch of long
+    replies weighs more than one of short replies, as it would in one big batch."""
+    config, engine, model, train = run.config, run.engine, run.model, run.config.train
     pad_id = run.tokenizer.pad_token_id
     cached: dict[int, list] = {}
     last_eval: dict = {}
     if run.dev_examples and run.start_step == 0:
         last_eval = evaluate(run)
-        with log_file.open("a") as f:
-            f.write(json.dumps({"step": 0, **{f"dev_{k}": v for k, v in last_eval.items()}}) + "\n")
+        engine.write_metrics({"step": 0, **{f"dev_{k}": v for k, v in last_eval.items()}})
     recent: list[float] = []
-    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
-               desc="sft", dynamic_ncols=True)
+    bar = engine.progress(run.start_step, run.total_steps, "sft")
     model.train()
     for step in bar:
         started = time.perf_counter()
-        step_nll, step_tokens, step_rows = 0.0, 0, 0
+        window = []  # the step's micro-batches: rows of examples
         for micro in range(train.grad_accum):
             epoch, position = divmod(step * train.grad_accum + micro, run.batches_per_epoch)
             if epoch not in cached:
                 cached = {epoch: epoch_batches(run.train_examples, train.batch_size, train.seed, epoch,
                                                config.data.packing, config.model.max_length)}
-            rows = [[run.train_examples[i] for i in row] for row in cached[epoch][position]]
-            batch = {k: v.to(run.device) for k, v in make_batch(rows, pad_id, config.data.packing).items()}
-            nll, count = response_nll(forward(model, batch), batch["input_ids"], batch["loss_mask"])
-            # Mean over the micro-batch's reply tokens; each micro-batch weighs the same.
-            loss = nll / max(count, 1)
-            if not torch.isfinite(loss):
-                records = [e.record_index for row in rows for e in row]
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}, examples {records}; "
-                                         f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
-            (loss / train.grad_accum).backward()
-            step_nll, step_tokens = step_nll + nll.item(), step_tokens + count
-            step_rows += len(rows)
-        grad_norm = training.optimizer_step(model, run.optimizer, run.scheduler, train.max_grad_norm, step,
-                                            train.output_dir)
+            window.append([[run.train_examples[i] for i in row] for row in cached[epoch][position]])
+        window_tokens = sum(e.reply_tokens for rows in window for row in rows for e in row)
+        step_nll, step_rows = 0.0, 0
+        for rows in window:
+            mine, weight = engine.share(rows)
+            batch = {k: v.to(engine.device) for k, v in make_batch(mine, pad_id, config.data.packing).items()}
+            with engine.accumulate(model):
+                with engine.autocast():
+                    logits = forward(model, batch)
+                nll, count = response_nll(logits, batch["input_ids"], batch["loss_mask"])
+                if not torch.isfinite(nll):
+                    records = [e.record_index for row in mine for e in row]
+                    raise FloatingPointError(f"non-finite loss {nll.item()} at step {step + 1}, examples {records}; "
+                                             f"the last good checkpoint is in {train.output_dir}/{CHECKPOINTS}")
+                # backward divides by grad_accum, and the processes' gradients are averaged:
+                # scaled back, the gradient is the window's summed NLL over its token count.
+                scale = train.grad_accum * engine.num_processes / max(window_tokens, 1)
+                engine.backward(nll * scale * (weight > 0))
+            step_nll += nll.item() * (weight > 0)
+            step_rows += len(mine) * (weight > 0)
+        grad_norm = engine.step(model, run.optimizer, run.scheduler, step)
 
-        step_loss = step_nll / max(step_tokens, 1)
+        step_loss = engine.reduce_sum(step_nll) / max(window_tokens, 1)
         recent = (recent + [step_loss])[-20:]
         seconds = time.perf_counter() - started
         entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
-                 "grad_norm": grad_norm, "reply_tokens": step_tokens, "rows": step_rows,
-                 "seconds": seconds, "reply_tokens_per_s": step_tokens / seconds}
+                 "grad_norm": grad_norm, "reply_tokens": window_tokens, "rows": int(engine.reduce_sum(step_rows)),
+                 "seconds": seconds, "reply_tokens_per_s": window_tokens / seconds}
+        if step == run.start_step:  # which fast paths this launch config got
+            entry["paths"] = training.fast_paths()
+            engine.log(f"forward: {', '.join(entry['paths'])} ({engine.describe()})")
         postfix = {"loss": f"{sum(recent) / len(recent):.3f}"}
         done = step + 1 == run.total_steps
         if run.dev_examples and ((train.eval_every and (step + 1) % train.eval_every == 0) or done):
@@ -387,8 +412,7 @@ def fit(run: Run) -> dict:
             postfix["dev_loss"] = f"{last_eval['loss']:.3f}"
             model.train()
         bar.set_postfix(postfix)
-        with log_file.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        engine.write_metrics(entry)
         if (train.save_every and (step + 1) % train.save_every == 0) or done:
             save_checkpoint(run, step + 1)
     bar.close()
@@ -397,16 +421,22 @@ def fit(run: Run) -> dict:
 
 @torch.inference_mode()
 def evaluate(run: Run) -> dict:
-    """Response-only loss (mean NLL per reply token) and perplexity on data.dev."""
+    """Response-only loss (mean NLL per reply token) and perplexity on data.dev; each process
+    scores its share (all of it when the model is sharded: every process runs each forward)."""
+    engine = run.engine
     run.model.eval()
     examples = sorted(run.dev_examples, key=lambda e: e.num_tokens)
+    mine = examples if engine.sharded else engine.mine(examples)
+    model = run.model if engine.sharded else engine.unwrap(run.model)
     size = run.config.train.eval_batch_size
     total, count = 0.0, 0
-    for start in range(0, len(examples), size):
-        batch = policy.collate_lm(examples[start:start + size], run.tokenizer.pad_token_id)
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        nll, n = response_nll(forward(run.model, batch), batch["input_ids"], batch["loss_mask"])
+    for start in range(0, len(mine), size):
+        batch = policy.collate_lm(mine[start:start + size], run.tokenizer.pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        nll, n = response_nll(forward(model, batch), batch["input_ids"], batch["loss_mask"])
         total, count = total + nll.item(), count + n
+    if not engine.sharded:
+        total, count = engine.reduce_sum(total), int(engine.reduce_sum(count))
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "reply_tokens": count,
             "examples": len(examples)}
@@ -422,21 +452,21 @@ def metadata(config: SFTConfig, result: dict | None = None) -> dict:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    training.save_checkpoint(run.config.train.output_dir, step, run.model, run.tokenizer, metadata(run.config),
-                             training.training_state(step, run.optimizer, run.scheduler),
-                             run.config.train.keep_checkpoints)
+    run.engine.save_checkpoint(step, run.model, run.tokenizer, metadata(run.config), run.optimizer,
+                               run.scheduler, run.config.train.keep_checkpoints)
 
 
 def train(config: SFTConfig) -> dict:
     """setup -> fit -> evaluate -> save; returns the final dev metrics (empty without dev data)."""
     run = setup(config)
     result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_examples else {})
-    folder = Path(config.train.output_dir) / "model"
-    models.save_model(run.model, run.tokenizer, folder, metadata(config, result))
-    print(f"saved policy to {folder}")
-    if result:
-        print(f"dev response-only loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) "
-              f"on {result['reply_tokens']} reply tokens of {result['examples']} examples")
+    folder = run.engine.save_final(run.model, run.tokenizer, metadata(config, result))
+    run.engine.end()
+    if run.engine.is_main:
+        print(f"saved policy to {folder}")
+        if result:
+            print(f"dev response-only loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) "
+                  f"on {result['reply_tokens']} reply tokens of {result['examples']} examples")
     return result
 
 
