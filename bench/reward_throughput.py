@@ -99,7 +99,7 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     largest = sorted(run.train_groups, key=lambda g: g.num_tokens)[-args.batch:]  # see the module's docstring
     warm_up = collate(largest, run.tokenizer.pad_token_id)
     run.model.train()  # as in training: gradient checkpointing acts in training mode only
-    with run.accelerator.autocast():
+    with run.engine.autocast():
         rewards = reward.forward_rewards(run.model, warm_up, config.train.share_prompt,
                                          run.tokenizer.pad_token_id, config.train.rows_per_forward)
     rewards.sum().backward()

@@ -1,6 +1,8 @@
 """`chatrlhf ppo` end to end on tiny models built in the tests: the reward goes up, left padding and
-EOS masking are right, resume is exact, and every reward source (rule, saved reward model with
-another tokenizer, scoring server) gives the scores a user would get from it directly."""
+EOS masking are right, resume is exact, a LoRA run leaves the base weights (the reference)
+bit-equal, gradient accumulation does not change the update, and every reward source (rule, saved
+reward model with another tokenizer, scoring server) gives the scores a user would get from it
+directly. 1 against 2 processes: test_ppo_engine.py."""
 
 from __future__ import annotations
 

@@ -321,6 +321,10 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.max_grad_norm = max_grad_norm
         self.bf16 = use_bf16(bf16)
+        if not launched:  # one process may build several engines (tests, notebooks) with other settings
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
         # cpu=True: processes started by `accelerate launch` (torchrun) on a machine without GPU
         # join a gloo group (configs/accelerate/cpu_2proc.yaml); it would turn DeepSpeed off.
         self.accelerator = Accelerator(

@@ -387,10 +387,11 @@ class PerPromptSampler(LogitsProcessor):
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, -1).cpu()  # on the CPU: the same draws on any device
+        probs = torch.softmax(scores.float() / self.temperature, -1).cpu()  # the CPU's draws on any device
         if self.top_p < 1:  # the most likely tokens up to mass top_p, the one crossing it included
             sorted_probs, order = probs.sort(-1, descending=True)
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= self.top_p, 0))
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
         return torch.full_like(scores, -math.inf).scatter(-1, tokens[:, None].to(scores.device), 0.0)
 
@@ -433,7 +434,7 @@ def collate(samples: list[Sample], pad: int, device: torch.device) -> Rollout:
     width, length = max(len(s.item.input_ids) for s in samples), max(len(s.reply_ids) for s in samples)
     input_ids = torch.full((len(samples), width + length), pad, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    per_token = {name: torch.zeros((len(samples), length)) for name in ("logps", "reference_logps", "values", "entropy")}
+    per_token = {name: torch.zeros(len(samples), length) for name in ("logps", "reference_logps", "values", "entropy")}
     for row, s in enumerate(samples):
         p, n = len(s.item.input_ids), len(s.reply_ids)
         input_ids[row, width - p:width + n] = torch.cat([torch.tensor(s.item.input_ids), s.reply_ids])
@@ -492,14 +493,15 @@ def generate(run: Run, items: list[PromptItem], seeds: list[int], sample: bool =
     prompt_ids, prompt_mask = prompt_ids.to(engine.device), prompt_mask.long().to(engine.device)
     policy.eval()
     sampler = [PerPromptSampler([seeds[r] for r in rows], gen.temperature, gen.top_p)] if sample else []
-    decode = lambda model: model.generate(  # noqa: E731
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=gen.max_new_tokens, do_sample=False,
-        logits_processor=LogitsProcessorList(sampler), pad_token_id=pad, eos_token_id=run.stop_ids,
-        return_dict_in_generate=True, output_logits=True, synced_gpus=engine.sharded)  # sharded: the done wait
-    # Under FSDP a peft model's generate() runs the model inside it, past the hook of the outer
-    # module that gathers its own weights: run it as that module's forward.
+    options = dict(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=gen.max_new_tokens,
+                   do_sample=False, logits_processor=LogitsProcessorList(sampler), pad_token_id=pad,
+                   eos_token_id=run.stop_ids, return_dict_in_generate=True, output_logits=True,
+                   synced_gpus=engine.sharded)  # sharded: the processes done wait for the others
+    # Under FSDP a peft model's generate() runs the model inside it, past the outer module's hook
+    # that gathers the outer module's own weights: run it as the outer module's forward.
     lora = run.reference is None
-    output = training.call_through(policy, decode) if lora and engine.sharded else decode(policy)
+    output = (training.call_through(policy, lambda model: model.generate(**options)) if lora and engine.sharded
+              else policy.generate(**options))
     sequences, reply_ids = output.sequences, output.sequences[:, width:]
     mask, ended = reply_mask(reply_ids, run.stop_ids)
     replies = [run.tokenizer.decode(ids[m], skip_special_tokens=True).strip() for ids, m in zip(reply_ids, mask)]
@@ -565,7 +567,8 @@ def ppo_step(run: Run, rollout: Rollout, step: int) -> dict:
     run.policy.train()
     run.critic.train()
     for epoch in range(ppo.epochs):
-        order = torch.randperm(len(rollout.items), generator=torch.Generator().manual_seed(seed_of(train.seed, "minibatches", step, epoch)))
+        shuffle = torch.Generator().manual_seed(seed_of(train.seed, "minibatches", step, epoch))
+        order = torch.randperm(len(rollout.items), generator=shuffle)
         for start in range(0, len(order), ppo.minibatch_size):
             minibatch = order[start:start + ppo.minibatch_size]
             tokens = int(mask[minibatch].sum())  # the token mean's denominator: the whole minibatch's
@@ -578,7 +581,8 @@ def ppo_step(run: Run, rollout: Rollout, step: int) -> dict:
                                                   rollout.prompt_width, run.config.generation.temperature)
                         values = critic_values(run.critic, rollout.input_ids[rows], rollout.attention_mask[rows],
                                                rollout.prompt_width)
-                    per_token, clipped = losses.ppo_policy_loss(logps, rollout.logps[rows], advantages[rows], ppo.clip_range)
+                    per_token, clipped = losses.ppo_policy_loss(logps, rollout.logps[rows], advantages[rows],
+                                                                ppo.clip_range)
                     per_token_v, clipped_v = losses.ppo_value_loss(values, old_values[rows], returns[rows],
                                                                    ppo.value_clip_range)
                     policy_sum, value_sum = (per_token * m).sum(), (per_token_v * m).sum()
