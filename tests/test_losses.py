@@ -89,4 +89,12 @@ def test_ties_need_a_tie_model():
 def test_regression_and_centering():
     assert_close(losses.score_regression_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 0.0])),
                  torch.tensor([1.0, 9.0]))
-    assert_close(losses.centering_loss(torch.tensor([2.0, -1.0]), 0.1), torch.tensor([0.4, 0.1]))
+    # Per pair (r_w + r_l)^2, as arXiv 2312.09244 and TRL: (2 - 1)^2 = 1. (The earlier per-reply
+    # r^2 gave 0.5 here and pulled the margin 2 - (-1) towards 0 too.)
+    assert_close(losses.centering_loss(torch.tensor([2.0, -1.0]), [2], 0.1), torch.tensor([0.1]))
+    # A ranking of 3: the mean over its 3 pairs, ((1 + 0)^2 + (1 - 1)^2 + (0 - 1)^2) / 3 = 2/3;
+    # a shift of every reward by the same constant c changes it, the margins not.
+    assert_close(losses.centering_loss(torch.tensor([1.0, 0.0, -1.0, 3.0, 3.0]), [3, 2], 1.0),
+                 torch.tensor([2 / 3, 36.0]))
+    shifted = torch.tensor([5.0, -5.0])
+    assert_close(losses.centering_loss(shifted, [2], 1.0), torch.tensor([0.0]), msg="centred pairs cost nothing")

@@ -126,3 +126,16 @@ def test_eval_report_writes_html_json_and_plots(tmp_path, tiny_bert, capsys):
     assert figures["normalization"]["trained_reward_std"] > 0
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src=\"length.png\"" not in html
+
+
+def test_ece_after_temperature_is_measured_on_pairs_its_temperature_never_saw():
+    """Margins 3 and -3: fitted on both, T -> infinity gives P = 0.5 everywhere and an ECE of 0
+    (what the in-sample fit reported). Cross-fitted, the half with margin 3 wants T -> 0, which
+    makes the other half's pair certain and wrong (error 1 on its 2 points), and the half with
+    margin -3 wants T -> infinity, which puts the other half's pair at 0.5 (error 0.5): ECE 0.75."""
+    from chatrlhf import report
+
+    calibration = report.calibration_figures([3.0, -3.0])
+    assert calibration["ece_after_temperature"] == pytest.approx(0.75, abs=1e-5)
+    assert sorted(calibration["temperature_halves"]) == [1e-6, 1e6]
+    assert calibration["temperature"] == 1e6

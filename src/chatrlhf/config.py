@@ -223,13 +223,17 @@ class LossConfig:
     use_margin: bool = option(False, "subtract each pair's margin from the data inside the sigmoid")
     tie_nu: float = option(1.0, "Davidson tie parameter, used when the data has ties (data without ties trains plain Bradley-Terry)")
     drop_ties: bool = option(False, "drop pairs marked as ties (counted) instead of modelling them")
-    centering: float = option(0.0, "reward-centering coefficient: adds coefficient * mean(r^2)")
+    centering: float = option(0.0, "reward-centering coefficient: adds coefficient * (r_i + r_j)^2 per pair, "
+                              "averaged over a group's pairs (arXiv 2312.09244; comparisons only)")
 
     def __post_init__(self):
         if self.tie_nu <= 0:
             raise ValueError(f"loss.tie_nu: expected a positive number, found {self.tie_nu}")
         if self.centering < 0:
             raise ValueError(f"loss.centering: expected >= 0, found {self.centering}")
+        if self.centering and self.objective == "regression":
+            raise ValueError("loss.centering is for loss.objective=comparisons: scores fix the rewards' "
+                             "offset themselves")
 
 
 @dataclasses.dataclass

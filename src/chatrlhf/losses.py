@@ -101,13 +101,24 @@ def score_regression_loss(rewards: torch.Tensor, scores: torch.Tensor) -> torch.
     return (rewards - scores) ** 2
 
 
-def centering_loss(rewards: torch.Tensor, coefficient: float) -> torch.Tensor:
-    """Reward centering: coefficient * r^2 per reply, keeping rewards near zero.
+def centering_loss(rewards: torch.Tensor, group_sizes: list[int], coefficient: float) -> torch.Tensor:
+    """Reward centering (Eisenstein et al., arXiv 2312.09244, as TRL's ``center_rewards_coefficient``):
+    coefficient * (r_i + r_j)^2 for a pair, keeping each pair's rewards summing near zero;
+    rewards are only defined up to a constant by comparisons, and this fixes the constant
+    without touching the margin r_i - r_j the ranking loss sees. For a group of K replies the
+    term is the mean over its C(K, 2) pairs, each pair weighted as ``ranking_loss`` weighs it.
 
-    The auxiliary term of Eisenstein et al. (arXiv 2312.09244); rewards are only defined up to
-    a constant by comparisons, and this fixes the constant at 0.
+    Args:
+        rewards: (sum K,) one reward per reply, groups laid out one after another.
+        group_sizes: K of each group, each >= 2.
+    Returns:
+        (G,) per-group terms. E.g. a pair (2, -1) with coefficient 0.1: 0.1 * 1^2 = 0.1.
     """
-    return coefficient * rewards**2
+    terms = []
+    for group in rewards.split(list(group_sizes)):
+        i, j = torch.triu_indices(len(group), len(group), 1, device=rewards.device)
+        terms.append(((group[i] + group[j]) ** 2).mean())
+    return coefficient * torch.stack(terms)
 
 
 # ==== DPO family: preference losses on policy / reference log-probabilities ====================

@@ -8,7 +8,8 @@ What it shows, all from the rewards ``reward eval`` printed its accuracy from:
 - length bias: accuracy by prompt-length and reply-length quantile buckets beside the "longer
   reply wins" baseline, and the Pearson / Spearman correlation of reward with reply length;
 - calibration of P(a preferred to b) = sigmoid(r_a - r_b): reliability diagram, ECE, and the
-  temperature that calibrates it;
+  temperature that calibrates it (its ECE cross-fitted: T fitted on one half of the pairs,
+  measured on the other);
 - the rewards of chosen (best-ranked) and rejected (worst-ranked) replies, and the reward gaps
   on human ties against those on strict preferences;
 - the reward mean / std stored at training time (what ``reward score --normalize`` uses).
@@ -91,17 +92,34 @@ def length_figures(groups: list[Group], rewards: list[list[float]], ranks: list[
     return out
 
 
-def calibration_figures(strict_margins: list[float]) -> dict:
+def calibration_figures(strict_margins: list[float], seed: int = 0) -> dict:
+    """Calibration of sigmoid(r_better - r_worse) as it is, and after temperature scaling.
+
+    The temperature's ECE is cross-fitted: the pairs are split in two halves (seeded), T is
+    fitted on each half and the other half is scaled by it, so the ECE after temperature is
+    measured on pairs its T never saw (fitted and measured on the same pairs it is optimistic:
+    with few pairs, near 0 whatever the model). ``temperature`` is the one fitted on all pairs,
+    the one to use; ``temperature_halves`` the two the ECE used."""
+    import random
+
     probabilities, outcomes = metrics.pair_probabilities(strict_margins)
-    temperature = metrics.fit_temperature(strict_margins)
-    scaled, _ = metrics.pair_probabilities(strict_margins, temperature)
+    order = list(range(len(strict_margins)))
+    random.Random(seed).shuffle(order)
+    halves = [[strict_margins[i] for i in order[:len(order) // 2]], [strict_margins[i] for i in order[len(order) // 2:]]]
+    scaled, scaled_outcomes, fitted = [], [], []
+    for fit_on, measure_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+        temperature = metrics.fit_temperature(fit_on) if fit_on else 1.0
+        fitted.append(temperature)
+        p, y = metrics.pair_probabilities(measure_on, temperature)
+        scaled, scaled_outcomes = scaled + p, scaled_outcomes + y
     return {
         "bins": CALIBRATION_BINS,
         "ece": metrics.expected_calibration_error(probabilities, outcomes, CALIBRATION_BINS),
-        "temperature": temperature,
-        "ece_after_temperature": metrics.expected_calibration_error(scaled, outcomes, CALIBRATION_BINS),
+        "temperature": metrics.fit_temperature(strict_margins),
+        "temperature_halves": fitted,
+        "ece_after_temperature": metrics.expected_calibration_error(scaled, scaled_outcomes, CALIBRATION_BINS),
         "reliability": metrics.reliability_bins(probabilities, outcomes, CALIBRATION_BINS),
-        "reliability_after_temperature": metrics.reliability_bins(scaled, outcomes, CALIBRATION_BINS),
+        "reliability_after_temperature": metrics.reliability_bins(scaled, scaled_outcomes, CALIBRATION_BINS),
     }
 
 

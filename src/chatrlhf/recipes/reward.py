@@ -170,7 +170,7 @@ def group_loss(rewards: torch.Tensor, batch: dict, config: RewardConfig, tie_nu:
         per_group = losses.ranking_loss(rewards, batch["ranks"], batch["group_sizes"], margins, tie_nu)
     loss = per_group.mean()
     if loss_cfg.centering:
-        loss = loss + losses.centering_loss(rewards, loss_cfg.centering).mean()
+        loss = loss + losses.centering_loss(rewards, batch["group_sizes"], loss_cfg.centering).mean()
     return loss
 
 
