@@ -1,6 +1,6 @@
 # Two commands for a fresh machine:
 #   make demo   install everything, train the MiniLM reward model on HH-RLHF harmless, print its accuracy
-#   make test   install everything, run the test suite
+#   make test   install everything, run the test suite, build the docs (mkdocs --strict: broken links fail)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,3 +23,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+	# The docs site, into a git-ignored folder; --strict turns any broken link, anchor or API
+	# reference into a failure. NO_MKDOCS_2_WARNING silences mkdocs-material's banner only.
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site

@@ -45,3 +45,27 @@ def test_bad_values_are_named(override, message):
     with pytest.raises(ValueError) as error:
         config.load(RewardConfig, None, [override])
     assert message in str(error.value)
+
+
+def test_a_removed_setting_says_when_and_what_to_do(tmp_path):
+    preset = tmp_path / "old.yaml"
+    preset.write_text("train:\n  compile: true\n")
+    with pytest.raises(ValueError) as error:
+        config.load(RewardConfig, preset)
+    assert str(error.value).startswith("train.compile was removed in chatrlhf 0.2.0: ")
+    assert str(error.value).endswith("(CHANGELOG.md)")
+
+
+def test_a_renamed_setting_names_its_new_key(monkeypatch):
+    monkeypatch.setitem(config.RENAMED, "loss.margin", ("loss.use_margin", "9.9", ""))
+    with pytest.raises(ValueError) as error:
+        config.load(RewardConfig, None, ["loss.margin=true", "train.lr=1e-4"])
+    assert str(error.value) == "loss.margin was renamed to loss.use_margin in chatrlhf 9.9 (CHANGELOG.md)"
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['loss.other'\]"):  # others as before
+        config.load(RewardConfig, None, ["loss.other=1"])
+
+
+def test_flat_dict_gives_every_setting_under_its_dotted_key():
+    flat = config.flat_dict(config.load(RewardConfig, None, ["data.fields={chosen: a}"]))
+    assert flat["train.lr"] == 5e-5 and flat["data.fields.chosen"] == "a" and flat["data.dev"] == "None"
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())

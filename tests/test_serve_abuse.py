@@ -1,7 +1,8 @@
 """`chatrlhf serve` under abuse: malformed and mistyped JSON, bodies over the limit, clients that
-stall or leave, many connections at once. The real server (uvicorn with ``server_options``, as
-``chatrlhf serve`` runs it) on loopback, raw sockets where a well-behaved client cannot go, and
-every wait bounded. Afterwards the load test's clients, attacked meanwhile, lose nothing."""
+stall or leave, many connections at once, requests the model fails on among good ones batched with
+them, missing or wrong API keys. The real server (uvicorn with ``server_options``, as ``chatrlhf
+serve`` runs it) on loopback, raw sockets where a well-behaved client cannot go, and every wait
+bounded. Afterwards the load test's clients, attacked meanwhile, lose nothing."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ import torch
 from chatrlhf.serve import create_app, server_options
 from conftest import running
 
-READ_TIMEOUT, MAX_BODY = 1.0, 20_000
+READ_TIMEOUT, MAX_BODY, KEY = 1.0, 20_000, "abuse-test-key"
+MAX_MESSAGES, MAX_REQUEST_TOKENS = 4, 300
+# A chat template that refuses roles it does not know, as many real ones do.
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                   "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['role'] + ': ' + "
+                   "m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+BROKEN = "<broken>"  # a token the tokenizer has and the model's embedding table has not
 # Deadlines are checked with room to spare: the CI machine has 2 busy cores.
 SLACK = 10.0
 
@@ -30,8 +37,15 @@ spec = importlib.util.spec_from_file_location(
     "serve_load", Path(__file__).resolve().parents[1] / "bench" / "serve_load.py")
 serve_load = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(serve_load)
-raw_exchange, post_head, whole, chunked = (serve_load.raw_exchange, serve_load.post_head,
-                                           serve_load.whole, serve_load.chunked)
+raw_exchange, chunked = serve_load.raw_exchange, serve_load.chunked
+
+
+def post_head(path: str, length: int | None) -> bytes:
+    return serve_load.post_head(path, length, api_key=KEY)
+
+
+def whole(path: str, body: bytes) -> bytes:
+    return serve_load.whole(path, body, KEY)
 
 
 @contextmanager
@@ -44,8 +58,10 @@ def serving(app, **options):
 @pytest.fixture(scope="module")
 def model_dir(tiny_bert, tmp_path_factory) -> str:
     """tiny_bert with large weights, so that different texts get clearly different rewards and
-    a mix-up between requests would show (as in test_serve.py)."""
-    from transformers import AutoConfig, BertForSequenceClassification
+    a mix-up between requests would show (as in test_serve.py); its tokenizer has a chat template
+    that refuses unknown roles, and one token more than the model's embeddings (BROKEN): a text
+    with it tokenises and then makes the forward pass fail."""
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
 
     folder = tmp_path_factory.mktemp("abused") / "model"
     shutil.copytree(tiny_bert, folder)
@@ -53,22 +69,38 @@ def model_dir(tiny_bert, tmp_path_factory) -> str:
     config.initializer_range = 0.5
     torch.manual_seed(1)
     BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    tokenizer.add_tokens([BROKEN])
+    tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def abused_app(model_dir, **options):
+    settings = dict(max_batch=4, max_wait_ms=20, max_items=8, max_chars=200, max_messages=MAX_MESSAGES,
+                    max_request_tokens=MAX_REQUEST_TOKENS, max_body_bytes=MAX_BODY, read_timeout=READ_TIMEOUT,
+                    api_key=KEY)
+    return create_app(model_dir, **{**settings, **options})
 
 
 @pytest.fixture(scope="module")
 def url(model_dir):
-    app = create_app(model_dir, max_batch=4, max_wait_ms=20, max_items=8, max_chars=200,
-                     max_body_bytes=MAX_BODY, read_timeout=READ_TIMEOUT)
-    with serving(app, limit_concurrency=256, timeout_keep_alive=2) as base:
+    with serving(abused_app(model_dir), limit_concurrency=256, timeout_keep_alive=2) as base:
         yield base
 
 
 ITEM = {"prompt": "the cat sat", "reply": "on the mat"}
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def post(base, path: str, body: dict) -> httpx.Response:
+    # JSON with ASCII escapes: a lone surrogate is sent as \ud800, as any JSON client may send it.
+    return httpx.post(base + path, content=json.dumps(body).encode(), timeout=30,
+                      headers={**AUTH, "content-type": "application/json"})
 
 
 def score(base, items=(ITEM,)) -> list[float]:
-    answer = httpx.post(base + "/score", json={"items": list(items)}, timeout=30)
+    answer = post(base, "/score", {"items": list(items)})
     assert answer.status_code == 200, answer.text
     return answer.json()["rewards"]
 
@@ -224,19 +256,85 @@ def test_limit_concurrency_refuses_with_503_and_idle_connections_are_reclaimed(t
                 sock.close()
 
 
+def test_a_bad_request_fails_alone_among_the_requests_batched_with_it(model_dir):
+    """Concurrent requests, some of them bad: a role the chat template refuses, text that is not
+    Unicode, a token the model cannot embed (its forward pass fails: the batch is retried request
+    by request). Each bad one gets its own error; the good ones, batched together, their rewards."""
+    chat = lambda role: [{"role": "system", "content": "be brief"}, {"role": role, "content": "hi"}]  # noqa: E731
+    good = [[{"prompt": chat("user"), "reply": f"reply {i} " + "the " * i}] for i in range(8)]
+    bad = {2: ([good[2][0], {"prompt": chat("wizard"), "reply": "r"}], 422,
+               "items[1]: this model's tokenizer cannot read it (TemplateError: unknown role wizard)"),
+           4: ([{"prompt": "p", "reply": "a\ud800b"}], 422, "items[0]: text that is not valid Unicode"),
+           6: ([good[6][0], {"prompt": "p", "reply": f"r {BROKEN}"}], 500,
+               "the model failed on this request: Index")}
+    # A long wait and room for every item: the good requests go through the model as one batch.
+    with serving(abused_app(model_dir, max_wait_ms=400, max_batch=64)) as base:
+        expected = {i: score(base, items) for i, items in enumerate(good)}
+        before = httpx.get(base + "/health").json()["stats"]
+        requests = {i: bad[i][0] if i in bad else good[i] for i in range(8)}
+        barrier, answers = threading.Barrier(8), {}
+
+        def send(i):
+            barrier.wait(30)
+            answers[i] = post(base, "/score", {"items": requests[i]})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        after = httpx.get(base + "/health").json()["stats"]
+    for i, answer in answers.items():
+        if i in bad:
+            assert answer.status_code == bad[i][1] and answer.json()["detail"].startswith(bad[i][2]), answer.text
+        else:
+            assert answer.status_code == 200 and answer.json()["rewards"] == pytest.approx(expected[i], abs=1e-5)
+    assert len(answers) == 8
+    # The 5 good requests and the failing one went through the model together (one failed batch),
+    # then request by request: at most 1 + 6 batches, their items counted once each.
+    assert after["batches"] - before["batches"] <= 7 and after["items"] - before["items"] == 5
+
+
+def test_limits_keys_and_markup_are_answered_before_the_model(url):
+    turn = {"role": "user", "content": "hi"}
+    for path, request, status, message in [
+            ("/score", {"items": [ITEM, {"prompt": [turn] * (MAX_MESSAGES + 1), "reply": "r"}]}, 422,
+             "items[1].prompt: 5 messages"),
+            ("/score", {"items": [{"prompt": "the " * 40, "reply": "the " * 40}] * 6}, 422,
+             "--max-request-tokens"),
+            ("/score", {"items": [ITEM, {"prompt": "p", "reply": ""}]}, 422, "items[1].reply: empty reply"),
+            ("/score", {"items": [{"prompt": "", "reply": "r"}]}, 422, "items[0].prompt: empty prompt"),
+            ("/get_reward", {"query": ["<|user|> hi <|bot|> hello"]}, 422, "query[0]: no chat markup found")]:
+        answer = post(url, path, request)
+        assert answer.status_code == status and message in answer.json()["detail"], (request, answer.text)
+    for key in [None, KEY + "x", KEY[:-1], ""]:
+        status, body = raw_exchange(url, [serve_load.whole("/score", json.dumps({"items": [ITEM]}).encode(), key)])
+        assert status == 401 and "API key" in detail(body), key
+    # Not even a huge declared body is read without the key: 401 from the head alone.
+    status, _ = raw_exchange(url, [serve_load.post_head("/score", 10**12)], timeout=SLACK)
+    assert status == 401
+    assert httpx.get(url + "/health").status_code == 200
+    assert score(url)
+
+
 def test_load_test_loses_nothing_under_attack(url):
     # Short synthetic dialogues (the real ones would pass this server's --max-chars 200).
     data = [(f"\n\nHuman: question {i} " + "the " * (i % 9) + "\n\nAssistant:", f"answer {i}")
             for i in range(50)]
     args = argparse.Namespace(seconds=3.0, clients=4, items=2, route="score")
+    args.api_key = KEY
+    expected = serve_load.reference_rewards(url, args, data)
     abuse = {}
     attack = threading.Thread(target=lambda: abuse.update(serve_load.abuse_clients(
-        url, 4, args.seconds, MAX_BODY, READ_TIMEOUT)))
+        url, 4, args.seconds, MAX_BODY, READ_TIMEOUT, api_key=KEY, max_messages=MAX_MESSAGES,
+        max_request_tokens=MAX_REQUEST_TOKENS, max_length=128, max_items=8, max_chars=200)))
     attack.start()
-    result = serve_load.load_clients(url, args, data)
+    result = serve_load.load_clients(url, args, data, expected)
     attack.join(args.seconds + READ_TIMEOUT + 2 * SLACK)
     assert result["ok"] > 0 and result["failed"] == 0 and result["lost"] == 0, result["first_failure"]
     assert abuse["sent"] >= 4 and not abuse["unexpected"], abuse
+    names = {name for name, _ in abuse["counts"]}
+    assert {"bad item among good ones", "too many tokens", "no API key", "wrong API key"} <= names, names
     assert score(url)
 
 

@@ -4,12 +4,13 @@
     rewards = client.score(["What is 2+2?"], ["4"])          # [float]
 
 Connection errors, timeouts and 503 answers are retried with a growing pause (scoring is
-idempotent, so resending a request is safe); a 4xx answer is a mistake in the request and
-raises ``ValueError`` with the server's message at once.
+idempotent, so resending a request is safe); a 4xx answer is a mistake in the request (or a
+missing or wrong API key) and raises ``ValueError`` with the server's message at once.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -24,23 +25,33 @@ class RewardClient:
         retries: further attempts after a connection error, a timeout or a 503.
         backoff: seconds before the first retry, doubled each time.
         chunk: items per request; the server refuses more than its --max-items (256 by default).
+        api_key: the server's --api-key, sent as ``Authorization: Bearer``; default
+            $CHATRLHF_API_KEY (none when unset).
     """
 
     def __init__(self, base_url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 chunk: int = 256):
+                 chunk: int = 256, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff, self.chunk = retries, backoff, chunk
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        api_key = api_key or os.environ.get("CHATRLHF_API_KEY")
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
-    def score(self, prompts: list, replies: list[str], normalize: bool = False) -> list[float]:
-        """Rewards of each (prompt, reply); a prompt is text or a list of chat messages."""
+    def score(self, prompts: list, replies: list[str], normalize: bool = False,
+              allow_empty: bool = True) -> list[float]:
+        """Rewards of each (prompt, reply); a prompt is text or a list of chat messages.
+
+        ``allow_empty``: empty replies are scored. The server refuses them unless told, but a
+        client mostly scores an RL policy's samples, and an empty one deserves a (low) reward,
+        not an exception; False lets the server answer 422 for them."""
         if len(prompts) != len(replies):
             raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
         rewards = []
         for start in range(0, len(prompts), self.chunk):
             items = [{"prompt": p, "reply": r}
                      for p, r in zip(prompts[start:start + self.chunk], replies[start:start + self.chunk])]
-            rewards += self._post("/score", {"items": items, "normalize": normalize})["rewards"]
+            rewards += self._post("/score", {"items": items, "normalize": normalize,
+                                             "allow_empty": allow_empty})["rewards"]
         return rewards
 
     def compare(self, prompt, replies: list[str]) -> dict:

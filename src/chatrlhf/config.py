@@ -3,6 +3,9 @@
 A preset is a serialised config: ``{"model": {...}, "train": {...}}``. Overrides are
 ``section.key=value`` or ``--section.key value``; values are read as YAML (``true``, ``3e-5``,
 ``[a, b]``) and checked against the field's type. Each field's ``help`` metadata is its CLI help.
+
+The settings of `reward train`, `sft` and `dpo` are here (label's and ppo's beside their recipes):
+this module imports no torch, so that building the command line stays quick.
 """
 
 from __future__ import annotations
@@ -52,11 +55,30 @@ def _check(name: str, value, hint):
     return value
 
 
+# Settings that presets for an earlier chatrlhf may hold and this one does not know:
+# old key -> (new key, or None when removed, the version that changed it, what to do).
+# Meeting one, loading says so instead of the generic unknown-key error.
+RENAMED = {
+    "train.compile": (None, "0.2.0", "it was measured no faster than eager on CPU; delete the setting"),
+}
+
+
+def _renamed(key: str) -> str | None:
+    if key not in RENAMED:
+        return None
+    new, version, note = RENAMED[key]
+    change = f"was renamed to {new}" if new else "was removed"
+    return f"{key} {change} in chatrlhf {version}{': ' + note if note else ''} (CHANGELOG.md)"
+
+
 def from_dict(cls, values: dict, prefix: str = ""):
     """Build a (nested) config dataclass from a dict, checking names and types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
+    for key in sorted(unknown):
+        if message := _renamed(prefix + key):
+            raise ValueError(message)
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
                          f"allowed under '{prefix or 'top level'}': {sorted(fields)}")
@@ -74,6 +96,21 @@ def from_dict(cls, values: dict, prefix: str = ""):
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def flat_dict(config) -> dict:
+    """``{"train.lr": 5e-05, ...}``: every setting under its dotted key, values other than numbers,
+    text and booleans as text; the form trackers' hyperparameter tables take."""
+    def flat(tree: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        return out
+
+    return flat(to_dict(config), "")
 
 
 def parse_overrides(arguments: list[str]) -> dict:
@@ -177,6 +214,9 @@ def describe(cls, prefix: str = "") -> str:
 
 from typing import Literal  # noqa: E402
 
+TRACKERS_HELP = ("also log to an Accelerate tracker: 'tensorboard' (events under output_dir; pip install "
+                 "'chatrlhf[tensorboard]') or 'wandb' ('chatrlhf[wandb]'; WANDB_MODE=offline keeps the run local)")
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -259,7 +299,7 @@ class TrainConfig:
                               "bf16 natively: CPUs with AVX512-BF16 or AMX, recent GPUs); weights stay float32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
                                           "about a third more compute")
-    log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
+    log_with: str | None = option(None, TRACKERS_HELP)
     eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
     share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "
                                 "(same loss, less compute; single process only)")
@@ -288,3 +328,97 @@ class RewardConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+# ---- SFT and DPO: policies (causal LMs) --------------------------------------------------------
+
+@dataclasses.dataclass
+class PolicyModelConfig(ModelConfig):
+    name: str = option("smollm2-135m", "causal LM: 'smollm2-135m', a hub id or a local folder")
+    dropout: bool = option(False, "keep the model's dropout while training (LoRA's own dropout is kept)")
+
+
+@dataclasses.dataclass
+class SFTDataConfig(DataConfig):
+    reader: str = option("auto", "'auto' (SFT JSONL with prompt/response or messages, else the "
+                         "preference readers of `chatrlhf data validate`), 'sft', or a reader name")
+    packing: bool = option(False, "pack several examples per row (own positions, block-diagonal mask)")
+
+
+@dataclasses.dataclass
+class PolicyTrainConfig:
+    output_dir: str = option("runs/sft", "where checkpoints, metrics.jsonl and the final model go")
+    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
+    batch_size: int = option(8, "sequences (or packed rows) per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-5, "peak learning rate (AdamW); LoRA usually wants ~1e-4 to 1e-3")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps with linear warmup")
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
+    eval_every: int = option(0, "evaluate on data.dev every N steps; 0: at the start and the end only")
+    save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                             "checkpoints and logs (without it, such a run stops and says so)")
+    seed: int = option(42, "seed for initialisation and data order")
+    bf16: bool | str = option(False, "bf16 autocast on the training device: true, false, or 'auto' (where it "
+                              "computes bf16 natively); weights stay float32")
+    log_with: str | None = option(None, TRACKERS_HELP)
+    eval_batch_size: int = option(16, "sequences per batch when evaluating")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
+    train: PolicyTrainConfig = dataclasses.field(default_factory=PolicyTrainConfig)
+
+
+@dataclasses.dataclass
+class DPOLossConfig:
+    type: Literal["sigmoid", "ipo", "plackett_luce"] = option(
+        "sigmoid", "'sigmoid': DPO (cDPO with label_smoothing > 0); 'ipo': IPO; 'plackett_luce': "
+        "K-wise rankings as one ordering (pairs give exactly sigmoid DPO)")
+    beta: float = option(0.1, "KL strength beta (IPO: tau); implicit reward = beta * (log pi - log pi_ref)")
+    label_smoothing: float = option(0.0, "cDPO: probability that a label is flipped, in [0, 0.5); sigmoid only")
+    drop_ties: bool = option(False, "plackett_luce: drop groups with tied replies (counted) instead of "
+                             "the Breslow tie model; sigmoid and ipo always drop tied pairs (counted)")
+    average_logps: bool = option(False, "use the per-token mean log-probability of a reply instead of "
+                                 "the sum (TRL does this for IPO; DPO as published sums)")
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"loss.beta: expected > 0, found {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing: expected in [0, 0.5), found {self.label_smoothing}")
+        if self.label_smoothing and self.type != "sigmoid":
+            raise ValueError(f"loss.label_smoothing is for loss.type=sigmoid (cDPO), not {self.type!r}")
+
+
+@dataclasses.dataclass
+class DPOTrainConfig(PolicyTrainConfig):
+    output_dir: str = option("runs/dpo", "where checkpoints, metrics.jsonl, reference_logps.pt and the model go")
+    batch_size: int = option(4, "groups (pairs or rankings) per micro-batch")
+    lr: float = option(1e-6, "peak learning rate (AdamW); LoRA usually wants ~1e-4")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig)
+    train: DPOTrainConfig = dataclasses.field(default_factory=lambda: DPOTrainConfig())

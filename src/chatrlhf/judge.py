@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from chatrlhf.data.records import Prompt
 
 # Default judging prompts. MT-bench (Zheng et al., arXiv 2306.05685, fig. 5) uses the same shape:
@@ -155,11 +153,15 @@ class LocalJudge:
     """
 
     def __init__(self, name: str, templates: dict, max_length: int = 1024, batch_size: int = 8,
-                 cache: Cache | None = None, dtype=torch.float32):
+                 cache: Cache | None = None, dtype=None):
+        # torch is imported by the local judge only: the HTTP judge and `chatrlhf label --help`
+        # run without it.
+        import torch
+
         from chatrlhf.policy import load_policy
 
         self.name, self.templates, self.max_length, self.batch_size = name, templates, max_length, batch_size
-        self.model, self.tokenizer = load_policy(name, dtype=dtype)
+        self.model, self.tokenizer = load_policy(name, dtype=dtype or torch.float32)
         self.model.eval()
         self.cache = cache or Cache(None)
         self.cut = 0
@@ -208,7 +210,6 @@ class LocalJudge:
 
         return render_prompt(self.tokenizer, [{"role": "user", "content": content}])
 
-    @torch.inference_mode()
     def ask(self, kind: str, questions: list[tuple[str, tuple[str, ...]]]) -> list[Answer]:
         """One Answer per (prompt, replies); cached answers are not recomputed."""
         texts = [self.render(kind, prompt, replies) for prompt, replies in questions]
@@ -231,27 +232,30 @@ class LocalJudge:
 
     def _forward(self, kind: str, texts: list[str]) -> list[tuple[float, float]]:
         """(value, mass) per text from the next-token distribution after the judging prompt."""
-        encoded = [self._tokens(t) for t in texts]
-        width = max(len(e) for e in encoded)
-        pad = self.tokenizer.pad_token_id
-        # Left padding puts every last token at position -1; explicit position ids keep each
-        # sequence's positions as if it were alone, so padding does not change the answer.
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        device = next(self.model.parameters()).device
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                            position_ids=positions.to(device), logits_to_keep=1).logits[:, -1].float()
-        logps = logits.log_softmax(-1)
-        # log P(answer) = logsumexp over the answer's token variants ("A", " A").
-        answer_logps = torch.stack([logps[:, ids].logsumexp(-1) for ids in self.answer_ids[kind]], -1)
-        mass = answer_logps.logsumexp(-1).exp()
-        probabilities = answer_logps.softmax(-1)  # renormalised over the allowed answers
-        if kind == "pair":
-            values = probabilities[:, 0]
-        else:
-            values = probabilities @ torch.arange(len(SCORES), dtype=probabilities.dtype, device=device)
-        return [(float(v), float(m)) for v, m in zip(values.tolist(), mass.tolist())]
+        import torch
+
+        with torch.inference_mode():
+            encoded = [self._tokens(t) for t in texts]
+            width = max(len(e) for e in encoded)
+            pad = self.tokenizer.pad_token_id
+            # Left padding puts every last token at position -1; explicit position ids keep each
+            # sequence's positions as if it were alone, so padding does not change the answer.
+            input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            device = next(self.model.parameters()).device
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), logits_to_keep=1).logits[:, -1].float()
+            logps = logits.log_softmax(-1)
+            # log P(answer) = logsumexp over the answer's token variants ("A", " A").
+            answer_logps = torch.stack([logps[:, ids].logsumexp(-1) for ids in self.answer_ids[kind]], -1)
+            mass = answer_logps.logsumexp(-1).exp()
+            probabilities = answer_logps.softmax(-1)  # renormalised over the allowed answers
+            if kind == "pair":
+                values = probabilities[:, 0]
+            else:
+                values = probabilities @ torch.arange(len(SCORES), dtype=probabilities.dtype, device=device)
+            return [(float(v), float(m)) for v, m in zip(values.tolist(), mass.tolist())]
 
 
 # ---- OpenAI-compatible judge ----------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Reward-model metrics computed from rewards and human ranks, apart from the losses.
 
 Inputs are per-group lists: ``rewards[g]`` and ``ranks[g]`` for the K replies of group g
-(rank 0 = best, equal ranks = a human tie).
+(rank 0 = best, equal ranks = a human tie). Correlations come from ``scipy.stats``; numpy and
+scipy are imported inside the functions that use them, as building the command line imports
+this module and should stay quick.
 """
 
 from __future__ import annotations
@@ -60,29 +62,21 @@ def best_vs_worst_accuracy(rewards: list[list[float]], ranks: list[list[int]]) -
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b between two sequences (ties in either handled as scipy does).
+    """Kendall's tau-b between two sequences (``scipy.stats.kendalltau``: ties in either count
+    as neither concordant nor discordant and shrink the denominator).
 
     tau_b = (concordant - discordant) / sqrt((n0 - ties_x) * (n0 - ties_y)), n0 = C(n, 2).
-    Returns nan when either sequence is constant.
+    Returns nan when either sequence is constant or shorter than 2.
     """
-    concordant = discordant = ties_x = ties_y = 0
-    n = len(x)
-    for i in range(n):
-        for j in range(i + 1, n):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                ties_x, ties_y = ties_x + 1, ties_y + 1
-            elif dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    n0 = n * (n - 1) / 2
-    denominator = math.sqrt((n0 - ties_x) * (n0 - ties_y))
-    return (concordant - discordant) / denominator if denominator else math.nan
+    from scipy.stats import kendalltau
+
+    if len(x) < 2 or _constant(x) or _constant(y):  # undefined: nan without scipy's warning
+        return math.nan
+    return float(kendalltau(x, y).statistic)
+
+
+def _constant(values: list[float]) -> bool:
+    return all(v == values[0] for v in values)
 
 
 def mean_kendall_tau(rewards: list[list[float]], ranks: list[list[int]]) -> float:
@@ -275,33 +269,23 @@ def fit_temperature(logits: list[float], outcomes: list[float] | None = None,
 
 
 def pearson(x: list[float], y: list[float]) -> float:
-    """Pearson correlation; nan when either sequence is constant or shorter than 2."""
-    import numpy as np
+    """Pearson correlation (``scipy.stats.pearsonr``); nan when either sequence is constant or
+    shorter than 2."""
+    from scipy.stats import pearsonr
 
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+    if len(x) < 2 or _constant(x) or _constant(y):  # undefined: nan without scipy's warning
         return math.nan
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def average_ranks(x: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank (as scipy.stats.rankdata)."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and x[order[end + 1]] == x[order[start]]:
-            end += 1
-        for k in range(start, end + 1):
-            ranks[order[k]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    return float(pearsonr(x, y).statistic)
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman correlation: Pearson correlation of the average ranks."""
-    return pearson(average_ranks(x), average_ranks(y))
+    """Spearman correlation (``scipy.stats.spearmanr``): Pearson correlation of the ranks, ties
+    sharing their average rank; nan when either sequence is constant or shorter than 2."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 2 or _constant(x) or _constant(y):
+        return math.nan
+    return float(spearmanr(x, y).statistic)
 
 
 def quantile_edges(values: list[float], buckets: int) -> list[float]:

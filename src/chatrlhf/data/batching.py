@@ -10,8 +10,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
-
 from chatrlhf.data.records import Pair, Ranking, ScoredSample
 from chatrlhf.data.tokenize import PairTemplate, encode_batch
 
@@ -124,6 +122,8 @@ def collate(groups: list[Group], pad_token_id: int) -> dict:
     Returns input_ids / attention_mask (and token_type_ids) of shape (sum K, T), ranks (sum K,),
     group_sizes (list), margins (G,) or None, scores (sum K,) or None.
     """
+    import torch  # here: the rest of chatrlhf.data, grouping included, runs without torch
+
     sequences = [ids for g in groups for ids in g.input_ids]
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)

@@ -38,12 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import metrics, models
+from chatrlhf import metrics
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import load, prompt_key, save
 from chatrlhf.data.batching import to_groups, tokenize_groups
 from chatrlhf.data.records import ScoredSample
-from chatrlhf.recipes import reward
+
+# The reward recipe and the model loaders (torch) are imported inside the steps that train and
+# score: building the command line imports this module (add_parser), and no torch.
 
 OBJECTIVES = ("regression", "comparisons")
 # One MiniLM pass over DialSummEval's 75 training dialogues (1050 summaries): 38 steps of 28
@@ -125,12 +127,17 @@ def train_one(base: RewardConfig, objective: str, train_file: Path, output_dir: 
     config.train.output_dir = str(output_dir)
     config.train.max_steps = plan["steps"]
     config.train.batch_size = plan["batch_size"][objective]
+    from chatrlhf.recipes import reward
+
     reward.train(config)
     return output_dir / "model"
 
 
 def evaluate(model_dir: Path, held_out: list[ScoredSample], max_length: int, resamples: int, seed: int) -> dict:
     """Accuracy and mean Kendall tau on the held-out prompts' human ordering, with intervals."""
+    from chatrlhf import models
+    from chatrlhf.recipes import reward
+
     model, tokenizer = models.load_reward_model(str(model_dir))
     groups = to_groups(held_out, "comparisons")
     tokenize_groups(groups, tokenizer, max_length, same_prompt=True)
@@ -216,6 +223,8 @@ def compare_command(args) -> int:
     print(f"{len(train_records)} training samples, {len(held_out)} held-out samples "
           f"({len(to_groups(held_out, 'comparisons'))} prompts); both objectives: {plan['steps']} steps of "
           f"{plan['replies_per_step']} replies, lr {plan['lr']}, max_length {plan['max_length']}")
+
+    from chatrlhf import models
 
     rows = []
     tokenizer = models.load_tokenizer(base.model.name)

@@ -18,7 +18,6 @@ Steps: setup -> fit -> evaluate -> save, in plain sight below.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -26,59 +25,21 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import losses, metrics, models, policy, training
-from chatrlhf.config import DataConfig, option
+from chatrlhf.config import DPOConfig, DPOLossConfig
 from chatrlhf.data import load
 from chatrlhf.data.batching import Group, to_groups
-from chatrlhf.recipes.sft import PolicyModelConfig, PolicyTrainConfig, epoch_batches
+from chatrlhf.recipes.sft import epoch_batches
 from chatrlhf.training import CHECKPOINTS
 
 REFERENCE_FILE = "reference_logps.pt"
 
-# ---- configuration --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class DPOLossConfig:
-    type: Literal["sigmoid", "ipo", "plackett_luce"] = option(
-        "sigmoid", "'sigmoid': DPO (cDPO with label_smoothing > 0); 'ipo': IPO; 'plackett_luce': "
-        "K-wise rankings as one ordering (pairs give exactly sigmoid DPO)")
-    beta: float = option(0.1, "KL strength beta (IPO: tau); implicit reward = beta * (log pi - log pi_ref)")
-    label_smoothing: float = option(0.0, "cDPO: probability that a label is flipped, in [0, 0.5); sigmoid only")
-    drop_ties: bool = option(False, "plackett_luce: drop groups with tied replies (counted) instead of "
-                             "the Breslow tie model; sigmoid and ipo always drop tied pairs (counted)")
-    average_logps: bool = option(False, "use the per-token mean log-probability of a reply instead of "
-                                 "the sum (TRL does this for IPO; DPO as published sums)")
-
-    def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"loss.beta: expected > 0, found {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"loss.label_smoothing: expected in [0, 0.5), found {self.label_smoothing}")
-        if self.label_smoothing and self.type != "sigmoid":
-            raise ValueError(f"loss.label_smoothing is for loss.type=sigmoid (cDPO), not {self.type!r}")
-
-
-@dataclasses.dataclass
-class DPOTrainConfig(PolicyTrainConfig):
-    output_dir: str = option("runs/dpo", "where checkpoints, metrics.jsonl, reference_logps.pt and the model go")
-    batch_size: int = option(4, "groups (pairs or rankings) per micro-batch")
-    lr: float = option(1e-6, "peak learning rate (AdamW); LoRA usually wants ~1e-4")
-
-
-@dataclasses.dataclass
-class DPOConfig:
-    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    loss: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig)
-    train: DPOTrainConfig = dataclasses.field(default_factory=lambda: DPOTrainConfig())
-
+# The settings (DPOConfig and its sections) are in config.py; the `dpo` command is in cli.py.
 
 # ---- data -----------------------------------------------------------------------------------
 
@@ -274,6 +235,8 @@ def setup(config: DPOConfig) -> Run:
     optimizer, scheduler = training.optimizer_and_scheduler(
         model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
     model, optimizer = engine.prepare(model, optimizer)
+    if train.log_with:
+        engine.accelerator.init_trackers("dpo", config=cfg_lib.flat_dict(config))
     run = Run(config, engine, model, tokenizer, train_items, dev_items, optimizer, scheduler, total_steps,
               batches_per_epoch)
     attach_reference(run, fresh_start=resume_from is None)
@@ -457,14 +420,3 @@ def train(config: DPOConfig, report: str | None = None) -> dict:
             title=f"DPO implicit rewards ({config.model.name}, beta {config.loss.beta}) on {config.data.dev}")
     return result
 
-
-# ---- command line ---------------------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    parser = cfg_lib.add_preset_command(
-        subparsers, "dpo", DPOConfig, lambda config, args: train(config, report=args.report),
-        help="DPO / cDPO / IPO / Plackett-Luce fine-tuning of a causal LM from comparisons",
-        description="Direct preference optimisation from pairs or rankings.",
-        example="configs/dpo_hh_smollm2.yaml")
-    parser.add_argument("--report", metavar="DIR", help="after training, write the reward-model report "
-                        "(report.html, report.json, PNG plots) of the dev implicit rewards into DIR")

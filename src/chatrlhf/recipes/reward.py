@@ -116,18 +116,8 @@ def setup(config: RewardConfig) -> Run:
         run.start_step = engine.restore(resume_from, model, optimizer, scheduler)["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
     if train.log_with:
-        engine.accelerator.init_trackers("reward", config=_flat(cfg_lib.to_dict(config)))
+        engine.accelerator.init_trackers("reward", config=cfg_lib.flat_dict(config))
     return run
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -379,6 +369,7 @@ def format_metrics(result: dict, name: str) -> str:
 
 
 # ---- score / eval commands ------------------------------------------------------------------
+# (Registered with their options in cli.py; the settings, RewardConfig, are in config.py.)
 
 def load_for_scoring(model_path: str, data_path: str, args) -> tuple:
     model, tokenizer = models.load_reward_model(model_path)
@@ -441,37 +432,3 @@ def eval_command(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
-
-
-def add_parser(subparsers) -> None:
-    reward = subparsers.add_parser("reward", help="train, score and evaluate reward models")
-    commands = reward.add_subparsers(dest="reward_command", required=True)
-
-    cfg_lib.add_preset_command(
-        commands, "train", RewardConfig, lambda config, args: train(config), help="train a reward model",
-        description="Train a reward model from comparisons (or scores).",
-        example="configs/reward_hh_minilm.yaml")
-
-    for name, function, text in (("score", score_command, "write the rewards of a file as JSONL"),
-                                 ("eval", eval_command, "accuracy (and ranking metrics) on a file")):
-        p = commands.add_parser(name, help=text)
-        p.add_argument("model", help="saved reward model folder (or a backbone name)")
-        p.add_argument("file", help="pairs, rankings or scored samples")
-        p.add_argument("--reader", default="auto")
-        p.add_argument("--field", action="append", default=[], help="canonical=column")
-        p.add_argument("--skip-invalid", action="store_true")
-        p.add_argument("--nan-as-missing", action="store_true")
-        p.add_argument("--allow-empty", action="store_true", help="accept empty replies")
-        p.add_argument("--max-length", type=int, default=None, help="default: the model's training max_length")
-        p.add_argument("--batch-tokens", type=int, default=16384)
-        if name == "score":
-            p.add_argument("--output", "-o", help="JSONL file (default: standard output)")
-            p.add_argument("--normalize", action="store_true", help="(r - mean) / std from the model's metadata")
-        else:
-            p.add_argument("--json", help="also write the metrics to this JSON file")
-            p.add_argument("--report", metavar="DIR", help="write report.html, report.json and PNG plots "
-                           "(intervals, length bias, calibration, reward distributions) into DIR")
-        p.set_defaults(run=function)
-    from chatrlhf.recipes import compare  # `reward compare`; imported here, as it imports this module
-
-    compare.add_parser(commands)

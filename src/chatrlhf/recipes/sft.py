@@ -18,7 +18,6 @@ save, in plain sight below.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import math
@@ -26,75 +25,17 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import models, policy, sharing, training
-from chatrlhf.config import DataConfig, ModelConfig, option
+from chatrlhf.config import ModelConfig, SFTConfig, SFTDataConfig
 from chatrlhf.data import load
 from chatrlhf.data.records import Pair, Ranking
 from chatrlhf.training import CHECKPOINTS
 
-# ---- configuration --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PolicyModelConfig(ModelConfig):
-    name: str = option("smollm2-135m", "causal LM: 'smollm2-135m', a hub id or a local folder")
-    dropout: bool = option(False, "keep the model's dropout while training (LoRA's own dropout is kept)")
-
-
-@dataclasses.dataclass
-class SFTDataConfig(DataConfig):
-    reader: str = option("auto", "'auto' (SFT JSONL with prompt/response or messages, else the "
-                         "preference readers of `chatrlhf data validate`), 'sft', or a reader name")
-    packing: bool = option(False, "pack several examples per row (own positions, block-diagonal mask)")
-
-
-@dataclasses.dataclass
-class PolicyTrainConfig:
-    output_dir: str = option("runs/sft", "where checkpoints, metrics.jsonl and the final model go")
-    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
-    batch_size: int = option(8, "sequences (or packed rows) per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(2e-5, "peak learning rate (AdamW); LoRA usually wants ~1e-4 to 1e-3")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.1, "fraction of steps with linear warmup")
-    schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
-    eval_every: int = option(0, "evaluate on data.dev every N steps; 0: at the start and the end only")
-    save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
-    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
-                             "checkpoints and logs (without it, such a run stops and says so)")
-    seed: int = option(42, "seed for initialisation and data order")
-    bf16: bool | str = option(False, "bf16 autocast on the training device: true, false, or 'auto' (where it "
-                              "computes bf16 natively); weights stay float32")
-    log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
-    eval_batch_size: int = option(16, "sequences per batch when evaluating")
-
-    def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
-        if isinstance(self.bf16, str) and self.bf16 != "auto":
-            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
-
-
-@dataclasses.dataclass
-class SFTConfig:
-    model: PolicyModelConfig = dataclasses.field(default_factory=PolicyModelConfig)
-    data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
-    train: PolicyTrainConfig = dataclasses.field(default_factory=PolicyTrainConfig)
-
+# The settings (SFTConfig and its sections) are in config.py; the `sft` command is in cli.py.
 
 # ---- data -----------------------------------------------------------------------------------
 
@@ -341,6 +282,8 @@ def setup(config: SFTConfig) -> Run:
     optimizer, scheduler = training.optimizer_and_scheduler(
         model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
     model, optimizer = engine.prepare(model, optimizer)
+    if train.log_with:
+        engine.accelerator.init_trackers("sft", config=cfg_lib.flat_dict(config))
     run = Run(config, engine, model, tokenizer, train_examples, dev_examples, optimizer, scheduler,
               total_steps, len(batches))
     if resume_from:
@@ -469,12 +412,3 @@ def train(config: SFTConfig) -> dict:
                   f"on {result['reply_tokens']} reply tokens of {result['examples']} examples")
     return result
 
-
-# ---- command line ---------------------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    cfg_lib.add_preset_command(
-        subparsers, "sft", SFTConfig, lambda config, args: train(config),
-        help="supervised fine-tuning of a causal LM (loss on the reply tokens only)",
-        description="Supervised fine-tuning on prompt/response, chat or preference data (chosen replies).",
-        example="configs/sft_hh_smollm2.yaml")
