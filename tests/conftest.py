@@ -43,6 +43,23 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(folder)
 
 
+def spread_bert(tiny_bert: str, folder: Path) -> Path:
+    """A copy of tiny_bert in ``folder`` with large random weights (initializer range 0.5, seed 1):
+    the default 0.02 gives nearly the same reward to every text, so a mix-up between texts would
+    not show."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    shutil.copytree(tiny_bert, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.initializer_range = 0.5
+    torch.manual_seed(1)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A 2-layer, width-32 Llama with a word-level tokenizer and a chat template, no pad token."""

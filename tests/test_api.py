@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import chatrlhf
 from chatrlhf import api, cli, models
 from chatrlhf.api import RewardModel
 from chatrlhf.config import RewardConfig
-from conftest import separable_pairs, write_jsonl
+from conftest import separable_pairs, spread_bert, write_jsonl
 
 MEAN, STD = 0.5, 2.0
 
@@ -26,14 +25,7 @@ MEAN, STD = 0.5, 2.0
 @pytest.fixture(scope="module")
 def bert_dir(tiny_bert, tmp_path_factory) -> str:
     """tiny_bert with large weights (rewards far apart) and chatrlhf.json: max_length, mean, std."""
-    from transformers import AutoConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("api") / "bert"
-    shutil.copytree(tiny_bert, folder)
-    config = AutoConfig.from_pretrained(folder)
-    config.initializer_range = 0.5
-    torch.manual_seed(1)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    folder = spread_bert(tiny_bert, tmp_path_factory.mktemp("api") / "bert")
     (folder / models.METADATA_FILE).write_text(json.dumps({"max_length": 48, "reward_mean": MEAN,
                                                            "reward_std": STD}))
     return str(folder)

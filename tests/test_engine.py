@@ -7,7 +7,6 @@ several tests: a 2-process launch costs 8-15 s here."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil

@@ -9,7 +9,6 @@ format. The real server on loopback."""
 from __future__ import annotations
 
 import json
-import shutil
 from importlib.util import find_spec
 
 import httpx
@@ -20,7 +19,7 @@ from chatrlhf import models
 from chatrlhf.api import RewardModel
 from chatrlhf.chat_markup import UnknownMarkup, split_query
 from chatrlhf.serve import create_app
-from conftest import running
+from conftest import running, spread_bert
 
 # The templates as the models' tokenizer_config.json ship them.
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -131,15 +130,9 @@ def cases(policies) -> list[tuple[str, list, str, str, str]]:
 def reward_dirs(tiny_bert, tiny_llama, tmp_path_factory) -> dict:
     """Two reward models with other formats than the policies': tiny_bert (no chat template: the
     HH layout) with large weights, and tiny_llama's backbone (its own chat template) with a head."""
-    from transformers import AutoConfig, BertForSequenceClassification
 
     root = tmp_path_factory.mktemp("openrlhf")
-    bert = root / "bert"
-    shutil.copytree(tiny_bert, bert)
-    config = AutoConfig.from_pretrained(bert)
-    config.initializer_range = 0.5
-    torch.manual_seed(1)
-    BertForSequenceClassification(config).save_pretrained(bert)
+    bert = spread_bert(tiny_bert, root / "bert")
     (bert / models.METADATA_FILE).write_text(json.dumps({"max_length": 128}))
     torch.manual_seed(2)
     model, tokenizer = models.load_reward_model(tiny_llama)

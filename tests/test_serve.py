@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from chatrlhf.client import RewardClient
 from chatrlhf.data.batching import Group, tokenize_groups
 from chatrlhf.recipes.reward import score_groups
 from chatrlhf.serve import create_app, plan_passes
-from conftest import running
+from conftest import running, spread_bert
 
 MEAN, STD, MAX_LENGTH = 0.5, 2.0, 64
 
@@ -32,14 +31,7 @@ MEAN, STD, MAX_LENGTH = 0.5, 2.0, 64
 def model_dir(tiny_bert, tmp_path_factory) -> str:
     """tiny_bert with large weights (rewards far apart, so a mix-up between items shows) and
     chatrlhf.json metadata: max_length, reward mean and std."""
-    from transformers import AutoConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("served") / "model"
-    shutil.copytree(tiny_bert, folder)
-    config = AutoConfig.from_pretrained(folder)
-    config.initializer_range = 0.5  # the default 0.02 gives nearly the same reward to every text
-    torch.manual_seed(1)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    folder = spread_bert(tiny_bert, tmp_path_factory.mktemp("served") / "model")
     (folder / models.METADATA_FILE).write_text(json.dumps(
         {"max_length": MAX_LENGTH, "reward_mean": MEAN, "reward_std": STD}))
     return str(folder)

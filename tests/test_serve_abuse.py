@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import socket
 import threading
 import time
@@ -18,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from chatrlhf.serve import create_app, server_options
-from conftest import running
+from conftest import running, spread_bert
 
 READ_TIMEOUT, MAX_BODY, KEY = 1.0, 20_000, "abuse-test-key"
 MAX_MESSAGES, MAX_REQUEST_TOKENS = 4, 300
@@ -61,14 +59,9 @@ def model_dir(tiny_bert, tmp_path_factory) -> str:
     a mix-up between requests would show (as in test_serve.py); its tokenizer has a chat template
     that refuses unknown roles, and one token more than the model's embeddings (BROKEN): a text
     with it tokenises and then makes the forward pass fail."""
-    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("abused") / "model"
-    shutil.copytree(tiny_bert, folder)
-    config = AutoConfig.from_pretrained(folder)
-    config.initializer_range = 0.5
-    torch.manual_seed(1)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    folder = spread_bert(tiny_bert, tmp_path_factory.mktemp("abused") / "model")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = STRICT_TEMPLATE
     tokenizer.add_tokens([BROKEN])

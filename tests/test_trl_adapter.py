@@ -5,14 +5,12 @@ the served model runs on a real server on loopback."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
-import torch
 
 from chatrlhf.api import RewardModel, reward_function
 from chatrlhf.serve import create_app
-from conftest import running
+from conftest import running, spread_bert
 
 KEY = "trl-test-key"
 PROMPTS = ["the cat sat on the mat", "is it good"]
@@ -24,15 +22,7 @@ CHAT_COMPLETIONS = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
 @pytest.fixture(scope="module")
 def model_dir(tiny_bert, tmp_path_factory) -> str:
     """tiny_bert with large weights, so different texts get clearly different rewards."""
-    from transformers import AutoConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("trl") / "model"
-    shutil.copytree(tiny_bert, folder)
-    config = AutoConfig.from_pretrained(folder)
-    config.initializer_range = 0.5
-    torch.manual_seed(1)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return str(folder)
+    return str(spread_bert(tiny_bert, tmp_path_factory.mktemp("trl") / "model"))
 
 
 @pytest.fixture(scope="module")

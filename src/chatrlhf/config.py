@@ -277,18 +277,16 @@ class LossConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class RunConfig:
+    """The training-loop settings every recipe has (each recipe's train section extends it)."""
+
     output_dir: str = option("runs/reward", "where checkpoints, logs and the final model go")
-    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
-    batch_size: int = option(16, "groups (pairs or rankings) per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(5e-5, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "fraction of steps with linear warmup")
     schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
-    eval_every: int = option(0, "evaluate on data.dev every N steps; 0: only at the end")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
     save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
@@ -297,9 +295,39 @@ class TrainConfig:
     seed: int = option(42, "seed for initialisation, data order and dropout")
     bf16: bool | str = option(False, "bf16 autocast: true, false, or 'auto' (on where the hardware computes "
                               "bf16 natively: CPUs with AVX512-BF16 or AMX, recent GPUs); weights stay float32")
+    log_with: str | None = option(None, TRACKERS_HELP)
+
+    def __post_init__(self):
+        for name in ("grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
+
+
+@dataclasses.dataclass
+class EpochsConfig(RunConfig):
+    """Recipes that go over a fixed data set in batches (reward, SFT, DPO)."""
+
+    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
+    batch_size: int = option(16, "groups (pairs or rankings) per micro-batch")
+    eval_every: int = option(0, "evaluate on data.dev every N steps; 0: only at the end")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size: expected >= 1, found {self.batch_size}")
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class TrainConfig(EpochsConfig):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
                                           "about a third more compute")
-    log_with: str | None = option(None, TRACKERS_HELP)
     eval_batch_tokens: int = option(16384, "tokens per batch when scoring (inference)")
     share_prompt: bool = option(True, "decoders: run each group's prompt once for its K replies "
                                 "(same loss, less compute; single process only)")
@@ -309,17 +337,9 @@ class TrainConfig:
                                    "many replies per packed forward (0: one forward)")
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
+        super().__post_init__()
         if self.rows_per_forward < 0:
             raise ValueError(f"train.rows_per_forward: expected >= 0, found {self.rows_per_forward}")
-        if isinstance(self.bf16, str) and self.bf16 != "auto":
-            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
 
 
 @dataclasses.dataclass
@@ -346,40 +366,20 @@ class SFTDataConfig(DataConfig):
 
 
 @dataclasses.dataclass
-class PolicyTrainConfig:
+class PolicyTrainConfig(EpochsConfig):
     output_dir: str = option("runs/sft", "where checkpoints, metrics.jsonl and the final model go")
-    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
     batch_size: int = option(8, "sequences (or packed rows) per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(2e-5, "peak learning rate (AdamW); LoRA usually wants ~1e-4 to 1e-3")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.1, "fraction of steps with linear warmup")
-    schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
     eval_every: int = option(0, "evaluate on data.dev every N steps; 0: at the start and the end only")
-    save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
-    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
-                             "checkpoints and logs (without it, such a run stops and says so)")
     seed: int = option(42, "seed for initialisation and data order")
     bf16: bool | str = option(False, "bf16 autocast on the training device: true, false, or 'auto' (where it "
                               "computes bf16 natively); weights stay float32")
-    log_with: str | None = option(None, TRACKERS_HELP)
     eval_batch_size: int = option(16, "sequences per batch when evaluating")
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: expected >= 1, found {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr: expected > 0, found {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio: expected in [0, 1), found {self.warmup_ratio}")
-        if isinstance(self.bf16, str) and self.bf16 != "auto":
-            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
-
+        super().__post_init__()
+        if self.eval_batch_size < 1:
+            raise ValueError(f"train.eval_batch_size: expected >= 1, found {self.eval_batch_size}")
 
 @dataclasses.dataclass
 class SFTConfig:

@@ -194,7 +194,9 @@ def resume_path(resume: bool | str, output_dir: str | Path, overwrite: bool = Fa
         if earlier:
             log(f"{output_dir}: starting afresh (train.overwrite=true); removing the earlier run's "
                 f"{', '.join(p.name for p in earlier)}")
-        return earlier
+        for path in earlier:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return None
     if isinstance(resume, str):
         return Path(resume)
     found = latest_checkpoint(output_dir)
@@ -410,6 +412,14 @@ class Engine:
             out[rank::self.num_processes] = part
         return out
 
+    def each_share(self, model, items: list, function) -> list:
+        """``function(model, items)`` -> one value per item, each process running its share
+        through the unwrapped model, the shares gathered in the items' order. A sharded model
+        needs every process in each of its forwards: there every process runs all the items."""
+        if self.sharded:
+            return function(model, items)
+        return self.gather(function(self.unwrap(model), self.mine(items)))
+
     def reduce_sum(self, value: float) -> float:
         if self.num_processes == 1:
             return float(value)
@@ -482,13 +492,7 @@ class Engine:
     def start(self, resume: bool | str, overwrite: bool = False) -> Path | None:
         """The checkpoint to resume from (or None), decided on the main process and told to the
         others; a fresh start with ``overwrite`` clears the earlier run's files first."""
-        found = None
-        if self.is_main:
-            found = resume_path(resume, self.output_dir, overwrite, self.log)
-            if isinstance(found, list):  # the earlier run's files, to delete
-                for path in found:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-                found = None
+        found = resume_path(resume, self.output_dir, overwrite, self.log) if self.is_main else None
         if self.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 

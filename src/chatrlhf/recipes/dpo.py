@@ -168,24 +168,21 @@ def attach_reference(run: "Run", fresh_start: bool) -> None:
         engine.log(f"reference log-probabilities read from {cache}")
         train_ref, dev_ref = cached["train"], cached["dev"]
     else:
-        # A sharded model needs every process in each forward: they all score everything.
-        reference = run.model if engine.sharded else engine.unwrap(run.model)
-        share = (lambda items: items) if engine.sharded else engine.mine
-        gather = (lambda values: values) if engine.sharded else engine.gather
-        source = "the policy before training"
+        reference, source = run.model, "the policy before training"
         if hasattr(training.inner(run.model), "peft_config"):
             source = "the model with its LoRA adapter disabled"
         elif not fresh_start:
             # Full fine-tuning resumed without a cache: the original weights are the reference.
             reference, _ = policy.load_policy(config.model.name)
             reference.to(engine.device)
-            share, gather = engine.mine, engine.gather
             source = f"{config.model.name} loaded as a separate reference"
         engine.log(f"computing reference log-probabilities once, from {source}")
         args = (run.tokenizer.pad_token_id, engine.device, config.loss.average_logps, config.train.eval_batch_size)
         with reference_context(training.inner(reference)):
-            train_ref = gather(score_items(reference, share(run.train_items), *args, desc="reference (train)"))
-            dev_ref = gather(score_items(reference, share(run.dev_items), *args, desc="reference (dev)"))
+            train_ref = engine.each_share(reference, run.train_items, lambda model, share: score_items(
+                model, share, *args, desc="reference (train)"))
+            dev_ref = engine.each_share(reference, run.dev_items, lambda model, share: score_items(
+                model, share, *args, desc="reference (dev)"))
         if engine.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             staging = cache.with_name(cache.name + ".tmp")
@@ -350,12 +347,10 @@ def fit(run: Run) -> dict:
 
 def implicit_rewards(run: Run, items: list[Item]) -> list[list[float]]:
     """beta * (log pi - log pi_ref) of every reply of every item."""
-    engine = run.engine
-    args = (run.tokenizer.pad_token_id, engine.device, run.config.loss.average_logps, run.config.train.eval_batch_size)
-    if engine.sharded:  # every process takes part in each forward of a sharded model
-        logps = score_items(run.model, items, *args, desc="implicit rewards")
-    else:
-        logps = engine.gather(score_items(engine.unwrap(run.model), engine.mine(items), *args, desc="implicit rewards"))
+    args = (run.tokenizer.pad_token_id, run.engine.device, run.config.loss.average_logps,
+            run.config.train.eval_batch_size)
+    logps = run.engine.each_share(run.model, items, lambda model, share: score_items(
+        model, share, *args, desc="implicit rewards"))
     beta = run.config.loss.beta
     return [[beta * (p - r) for p, r in zip(ps, item.reference_logps)] for ps, item in zip(logps, items)]
 

@@ -51,7 +51,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from chatrlhf import config as cfg_lib
 from chatrlhf import losses, models, policy as policy_lib, training
-from chatrlhf.config import option
+from chatrlhf.config import RunConfig, option
 from chatrlhf.data import load, prompt_key
 from chatrlhf.data.batching import Group, tokenize_groups
 
@@ -135,34 +135,20 @@ class PPOSection:
 
 
 @dataclass
-class PPOTrainConfig:
+class PPOTrainConfig(RunConfig):
     output_dir: str = option("runs/ppo", "checkpoints, metrics.jsonl, samples.jsonl, curves.png, model/")
-    steps: int = option(100, "PPO steps (one rollout each)")
     lr: float = option(1e-5, "policy learning rate (AdamW)")
-    critic_lr: float = option(1e-5, "critic learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_ratio: float = option(0.0, "fraction of optimizer steps with linear warmup")
     schedule: Literal["linear", "cosine", "constant"] = option("constant", "decay after warmup")
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
     grad_accum: int = option(1, "micro-batches each minibatch is split into (less memory, the same update)")
-    eval_every: int = option(10, "held-out evaluation every N steps (and before the first and after the last)")
-    sample_every: int = option(10, "write sample generations after the first step and every N steps")
-    samples: int = option(4, "replies written each time")
-    save_every: int = option(0, "checkpoint every N steps; 0: only at the end")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    resume: bool | str = option(False, "true: continue from the latest checkpoint in output_dir; or a checkpoint path")
-    overwrite: bool = option(False, "start afresh in an output_dir that holds an earlier run, deleting its "
-                             "checkpoints and logs (without it, such a run stops and says so)")
     seed: int = option(42, "seed for initialisation, prompt order and sampling")
     bf16: bool | str = option(False, "bf16 autocast for every forward pass: true, false, or 'auto' (where it "
                               "computes bf16 natively); weights, losses and log-probabilities stay float32")
-    log_with: str | None = option(None, "also log to an accelerate tracker, e.g. 'tensorboard'")
-
-    def __post_init__(self):
-        if self.grad_accum < 1:
-            raise ValueError(f"train.grad_accum: expected >= 1, found {self.grad_accum}")
-        if isinstance(self.bf16, str) and self.bf16 != "auto":
-            raise ValueError(f"train.bf16: expected true, false or auto, found {self.bf16!r}")
+    steps: int = option(100, "PPO steps (one rollout each)")
+    critic_lr: float = option(1e-5, "critic learning rate (AdamW)")
+    eval_every: int = option(10, "held-out evaluation every N steps (and before the first and after the last)")
+    sample_every: int = option(10, "write sample generations after the first step and every N steps")
+    samples: int = option(4, "replies written each time")
 
 
 @dataclass

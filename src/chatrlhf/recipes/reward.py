@@ -311,11 +311,9 @@ def score_groups(model, groups: list[Group], pad_token_id: int, batch_tokens: in
 def evaluate(run: Run) -> dict:
     """Dev metrics in float32, also after bf16 training: the saved weights are float32, and
     that is how ``reward eval``, the server and other tools score with them."""
-    engine, pad_id, budget = run.engine, run.tokenizer.pad_token_id, run.config.train.eval_batch_tokens
-    if engine.sharded:  # every process takes part in each forward of a sharded model
-        rewards = score_groups(run.model, run.dev_groups, pad_id, budget)
-    else:  # each process scores its share
-        rewards = engine.gather(score_groups(engine.unwrap(run.model), engine.mine(run.dev_groups), pad_id, budget))
+    pad_id, budget = run.tokenizer.pad_token_id, run.config.train.eval_batch_tokens
+    rewards = run.engine.each_share(run.model, run.dev_groups,
+                                    lambda model, groups: score_groups(model, groups, pad_id, budget))
     result = metrics.summarize(rewards, [g.ranks for g in run.dev_groups])
     flat = [r for group in rewards for r in group]
     result["reward_mean"] = statistics.fmean(flat)
