@@ -16,15 +16,19 @@ replies), so it drops nothing. For rankings TRL gets the C(K, 2) pairs expanded,
 must do. Printed per case: pairs/s, real tokens/s, peak memory, model-FLOPs utilisation against
 a matmul peak measured here in the side's precision (6 x non-embedding parameters x real tokens
 of the K sequences: with prompt sharing chatrlhf computes the shared prompt once, so its figure
-can exceed what the hardware ran), and the ratio. ``--precision auto`` runs TRL as it ships, in
-float32, and chatrlhf with ``train.bf16=auto`` as the main job's preset does (bf16 autocast where
+can exceed what the hardware ran), and two ratios: against TRL at its defaults (gradient
+checkpointing on) and against TRL at its fastest setting, gradient checkpointing off (its
+RewardTrainer has no other speed setting), the figure that counts; each TRL side's exact settings
+are printed. ``--checkpointing`` sets chatrlhf's side only (``on``: both on against TRL's
+default; the peak memory at equal checkpointing is printed). ``--precision auto`` runs TRL in float32
+(TRL's config would turn bf16 autocast on by default, on CPU too) and chatrlhf with ``train.bf16=auto`` as the main job's preset does (bf16 autocast where
 the CPU computes it natively). Each
 side runs in its own child process, so its peak resident memory is its own. Scoring is compared
 too: every reply of the data scored by plain transformers in batches of 32 in file order (what a
 user writes; TRL's trainer does the same) against ``chatrlhf reward score``'s sorted,
 token-budget batches. ``--dropout`` keeps the backbone's dropout on both sides, ``--lora R``
 trains LoRA adapters on both (chatrlhf's defaults; TRL through its ``peft_config``).
-``--repeats N`` runs both sides N times, alternating, and times each side by each step's fastest
+``--repeats N`` runs the three sides N times, alternating, and times each side by each step's fastest
 run (every run takes the same steps on the same batches): on a shared
 machine the speed drifts by more than a few percent, in bursts. The matmul peak is measured
 before and after the runs and the higher kept, for the same reason.
@@ -111,7 +115,16 @@ def chatrlhf_run(backbone: str, data_file: Path, args, workdir: Path) -> dict:
     return {**summarize(steps, non_embedding_parameters(run.model), dtype), "groups": len(run.train_groups)}
 
 
-def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
+def trl_settings(fastest: bool) -> dict:
+    """What one TRL side sets, everything else at TRL's defaults (and the settings both TRL sides
+    share, printed apart). TRL's fastest setting here is its default with gradient checkpointing
+    off: its RewardTrainer has no padding-free mode or other speed setting to turn on."""
+    import trl
+
+    return {"trl_version": trl.__version__, "gradient_checkpointing": not fastest}
+
+
+def trl_run(backbone: str, groups, args, workdir: Path, fastest: bool = False) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RewardConfig as TRLConfig
@@ -136,7 +149,7 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
     training_args = TRLConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch,
                               num_train_epochs=1, learning_rate=1e-5, report_to=[], save_strategy="no",
                               logging_strategy="no", max_length=None, use_cpu=True, bf16=args.precision == "bf16",
-                              gradient_checkpointing=args.checkpointing != "off",
+                              gradient_checkpointing=trl_settings(fastest)["gradient_checkpointing"],
                               dataloader_num_workers=0, disable_tqdm=True, disable_dropout=False)
     if not args.dropout:  # here, not by TRL's disable_dropout, which would also zero LoRA's dropout
         models.disable_dropout(model)
@@ -165,7 +178,8 @@ def trl_run(backbone: str, groups, args, workdir: Path) -> dict:
     trainer.model.zero_grad(set_to_none=True)
     trainer.train()
     steps = [{"seconds": s, "tokens": t, "pairs": p} for s, (t, p) in zip(times, batches)]
-    return summarize(steps, non_embedding_parameters(model), "bf16" if args.precision == "bf16" else "fp32")
+    return {**summarize(steps, non_embedding_parameters(model), "bf16" if args.precision == "bf16" else "fp32"),
+            "settings": trl_settings(fastest)}
 
 
 def stock_reward_model(backbone: str):
@@ -240,8 +254,8 @@ def side(args) -> dict:
         if args.side == "chatrlhf":
             save(records, workdir / "data.jsonl")  # the same records, in the project's format
             return chatrlhf_run(backbone, workdir / "data.jsonl", args, workdir)
-        if args.side == "trl":
-            return trl_run(backbone, groups, args, workdir)
+        if args.side in ("trl", "trl-fastest"):
+            return trl_run(backbone, groups, args, workdir, fastest=args.side == "trl-fastest")
         return {"replies": sum(len(g.replies) for g in groups),
                 "plain": plain_scoring(backbone, groups), "chatrlhf": our_scoring(backbone, groups)}
 
@@ -264,12 +278,13 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                        help="fp32 or bf16 autocast on both sides; auto: TRL in fp32 (its default), "
+                        help="fp32 or bf16 autocast on both sides; auto: TRL in fp32, "
                              "chatrlhf with train.bf16=auto (bf16 where the CPU computes it natively)")
     parser.add_argument("--no-share", action="store_true", help="chatrlhf without prompt sharing (decoders)")
     parser.add_argument("--checkpointing", choices=["default", "on", "off"], default="default",
-                        help="gradient checkpointing on both sides, off on both, or each side's default "
-                             "(TRL: on, chatrlhf: off)")
+                        help="chatrlhf's gradient checkpointing: on, off, or its default (off). TRL always runs "
+                             "twice, at its default (on) and at its fastest setting (off), so 'on' compares "
+                             "both on against TRL's default and 'off' both off against TRL's fastest")
     parser.add_argument("--dropout", action="store_true", help="keep the backbone's dropout on both sides (both "
                         "turn it off by default; LoRA's own dropout stays on both); TRL runs PyTorch's dropout "
                         "layers, chatrlhf its own")
@@ -279,7 +294,7 @@ def main() -> int:
     parser.add_argument("--score-groups", type=int, default=400, help="groups scored in the scoring test")
     parser.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating, "
                         "and time each side by each step's fastest run")
-    parser.add_argument("--side", choices=["chatrlhf", "trl", "scoring"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["chatrlhf", "trl", "trl-fastest", "scoring"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.side:
@@ -299,22 +314,36 @@ def main() -> int:
             continue
         # Alternating runs, each step's fastest kept: a shared machine's speed drifts by more than
         # the differences measured, and alternating puts both sides through the same drift.
-        runs = [(in_child(args, "chatrlhf"), in_child(args, "trl")) for _ in range(args.repeats)]
-        ours, theirs = (fastest([run[i] for run in runs]) for i in (0, 1))
+        sides = {"TRL default": "trl", "TRL fastest": "trl-fastest", "chatrlhf": "chatrlhf"}
+        runs = [{name: in_child(args, which) for name, which in sides.items()} for _ in range(args.repeats)]
+        results = {name: fastest([run[name] for run in runs]) for name in sides}
+        ours = results["chatrlhf"]
         peaks = {name: max(peak, matmul_peak(dtypes[name])) for name, peak in peaks.items()}
         print(f"matmul peak ({args.threads} threads, the higher of before and after): "
               + ", ".join(f"{name} {peak:.1f}" for name, peak in peaks.items()) + " GFLOP/s")
-        print(f"\n{case}: {ours['groups']} groups sampled, batch {args.batch}, max length "
-              f"{args.max_length}, gradient checkpointing: {args.checkpointing}, dropout: {'on' if args.dropout else 'off'}"
+        checkpointing = "on" if args.checkpointing == "on" else "off"
+        print(f"\n{case}: {ours['groups']} groups sampled, batch {args.batch}, max length {args.max_length}, "
+              f"chatrlhf's gradient checkpointing: {checkpointing}, dropout: {'on' if args.dropout else 'off'}"
               + (f", LoRA rank {args.lora}" if args.lora else ""))
-        print(f"{'':10} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
-        for name, result in (("TRL", theirs), ("chatrlhf", ours)):
-            print(f"{name:10} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "
+        print(f"{'':12} {'pairs/s':>9} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>7} precision")
+        for name, result in results.items():
+            print(f"{name:12} {result['pairs_per_s']:9.2f} {result['tokens_per_s']:9.0f} "
                   f"{result['peak_mib']:9.0f} {result['gflops'] / peaks[result['dtype']]:7.1%} {result['dtype']}")
-        print(f"chatrlhf/TRL training pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
-        if args.repeats > 1:
-            print("each run's ratio: " + ", ".join(f"{pairs_per_s(o) / pairs_per_s(t):.2f}x" for o, t in runs)
-                  + f"; above, each step's fastest of {args.repeats} runs")
+        for name in ("TRL default", "TRL fastest"):
+            print(f"chatrlhf/{name} training pairs/s: {ours['pairs_per_s'] / results[name]['pairs_per_s']:.2f}x"
+                  + ("  <- the figure that counts" if name == "TRL fastest" else ""))
+            if args.repeats > 1:
+                print("  each run's ratio: " + ", ".join(f"{pairs_per_s(r['chatrlhf']) / pairs_per_s(r[name]):.2f}x"
+                                                        for r in runs) + f"; above, each step's fastest of {args.repeats} runs")
+        for name in ("TRL default", "TRL fastest"):
+            print(f"{name} settings (the rest TRL's defaults): {json.dumps(results[name]['settings'])}")
+        print(f"  both TRL sides also: bf16={args.precision == 'bf16'} (TRL's own default is bf16 autocast on CPU), "
+              "disable_dropout=False (dropout set as chatrlhf's, LoRA's kept), max_length=None (ids come cut), "
+              "use_cpu, fused AdamW (its default)")
+        equal = results["TRL default" if checkpointing == "on" else "TRL fastest"]
+        print(f"peak memory at equal gradient checkpointing ({checkpointing} on both): chatrlhf "
+              f"{ours['peak_mib']:.0f} MiB, TRL {equal['peak_mib']:.0f} MiB"
+              + ("" if checkpointing == "on" else "; run --checkpointing on for both on"))
         scoring = in_child(args, "scoring")
         print(f"scoring {scoring['replies']} replies: plain transformers {scoring['plain']:.1f} s, "
               f"chatrlhf {scoring['chatrlhf']:.1f} s, {scoring['plain'] / scoring['chatrlhf']:.2f}x")

@@ -16,7 +16,7 @@ def config_class(preset: Path):
 
     recipe = preset.name.split("_")[0]
     module = importlib.import_module(f"chatrlhf.recipes.{recipe}")
-    names = {"reward": "RewardConfig", "sft": "SFTConfig", "dpo": "DPOConfig", "ppo": "PPOConfig",
+    names = {"reward": "RewardConfig", "sft": "SFTConfig", "dpo": "DPOConfig", "ppo": "PPOConfig", "grpo": "GRPOConfig",
              "label": "LabelConfig"}
     return RewardConfig if recipe == "reward" else getattr(module, names[recipe])
 

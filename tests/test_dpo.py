@@ -207,13 +207,14 @@ def test_ipo_and_conservative_dpo_learn_too(tmp_path, tiny_llama, setting):
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": "all-linear"}])
-def test_reply_logps_equal_the_plain_sequence_logps(tiny_llama, lora):
+def test_item_logps_equal_the_plain_sequence_logps(tiny_llama, lora):
     model, tokenizer = policy.load_policy(tiny_llama, lora=lora)
     rows = separable_pairs(5, seed=12)
-    encoded = [policy.encode_prompt_response(tokenizer, r["prompt"], r["chosen"], 48) for r in rows]
-    batch = policy.collate_lm(encoded, tokenizer.pad_token_id)
+    items = [dpo.Item(None, [policy.encode_prompt_response(tokenizer, r["prompt"], r[k], 48)
+                             for k in ("chosen", "rejected")]) for r in rows]
+    batch = policy.collate_lm([e for item in items for e in item.encoded], tokenizer.pad_token_id)
     for average in (False, True):
-        assert_close(dpo.reply_logps(model, batch, average), policy.sequence_logps(model, batch, average))
+        assert_close(dpo.item_logps(model, items, average, 64), policy.sequence_logps(model, batch, average))
 
 
 def test_preset_loads_and_help_lists_every_setting(capsys):

@@ -131,9 +131,10 @@ def test_two_ddp_processes_match_one_process(ddp_runs, recipe):
 
 @pytest.mark.slow
 def test_fast_paths_run_under_ddp(ddp_runs):
-    """Prompt sharing and DPO's reply-only output layer run through DDP's forward (their
+    """Prompt sharing and the reply-only output layer run through DDP's forward (their
     gradients are synchronised: the weights above match one process)."""
-    expected = {"reward": ["prompt sharing"], "sft": ["plain forward"], "dpo": ["reply-only output layer"]}
+    expected = {"reward": ["prompt sharing"], "sft": ["reply-only output layer"],
+                "dpo": ["prompt sharing", "reply-only output layer"]}
     for recipe, paths in expected.items():
         one, two, _, _ = ddp_runs[recipe]
         assert read_metrics(one)[0]["paths"] == read_metrics(two)[0]["paths"] == paths, recipe

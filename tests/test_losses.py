@@ -98,3 +98,27 @@ def test_regression_and_centering():
                  torch.tensor([2 / 3, 36.0]))
     shifted = torch.tensor([5.0, -5.0])
     assert_close(losses.centering_loss(shifted, [2], 1.0), torch.tensor([0.0]), msg="centred pairs cost nothing")
+
+
+def test_a_learned_tie_parameter_gets_the_gradient_of_its_float_value():
+    rewards, ranks = torch.tensor([0.3, -0.2, 0.5, 0.5]), torch.tensor([0, 1, 0, 0])
+    log_nu = torch.tensor(math.log(0.7), requires_grad=True)
+    learned = losses.ranking_loss(rewards, ranks, [2, 2], tie_nu=log_nu.exp())
+    assert_close(learned, losses.ranking_loss(rewards, ranks, [2, 2], tie_nu=0.7))
+    learned.sum().backward()
+    assert log_nu.grad is not None and log_nu.grad != 0
+
+
+@pytest.mark.parametrize("tie_rate", [0.2, 0.5])
+def test_a_learned_tie_parameter_goes_to_the_tie_rate(tie_rate):
+    # With equal rewards P(tie) = nu / (2 + nu); its maximum likelihood is the observed tie rate
+    # t, at nu = 2t / (1 - t): 0.5 for t = 0.2, 2 for t = 0.5.
+    n, ties = 20, int(20 * tie_rate)
+    ranks = torch.tensor([r for i in range(n) for r in ([0, 0] if i < ties else [0, 1])])
+    log_nu = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([log_nu], lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        losses.ranking_loss(torch.zeros(2 * n), ranks, [2] * n, tie_nu=log_nu.exp()).mean().backward()
+        optimizer.step()
+    assert log_nu.exp().item() == pytest.approx(2 * tie_rate / (1 - tie_rate), rel=0.02)

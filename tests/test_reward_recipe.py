@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from chatrlhf import models, training
+from chatrlhf import config as cfg, models, training
+from chatrlhf.config import RewardConfig
 from chatrlhf.cli import main
 from chatrlhf.recipes import reward
 from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, write_jsonl
@@ -196,3 +197,85 @@ def test_an_earlier_run_is_kept_unless_overwrite_is_asked(tmp_path, tiny_bert, c
         in capsys.readouterr().out
     assert [entry["step"] for entry in log(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+
+
+def tied_pairs(n: int, tie_rate: float, seed: int) -> list[dict]:
+    """Separable pairs, the first tie_rate of them marked as ties (the project's own format)."""
+    rows = separable_pairs(n, seed)
+    return [{"kind": "pair", **row, "tie": i < tie_rate * n} for i, row in enumerate(rows)]
+
+
+def test_learned_tie_parameter_follows_the_tie_rate(tmp_path, tiny_bert, capsys):
+    learned = {}
+    for rate in (0.1, 0.7):
+        out = train(tmp_path, tiny_bert, tied_pairs(64, rate, seed=7), "loss.tie_nu=learn", "train.epochs=6",
+                    dev_rows=tied_pairs(16, rate, seed=8), name=f"rate{rate}")
+        metrics = log(out)
+        assert metrics[0]["tie_nu"] != 1.0 and "tie_nu" in metrics[-1]
+        learned[rate] = json.loads((out / "model" / "chatrlhf.json").read_text())["tie_nu"]
+        assert learned[rate] == pytest.approx(metrics[-1]["tie_nu"])
+    # Starting from nu = 1, few ties pull it down and many push it up.
+    assert learned[0.1] < 0.8 < 1.2 < learned[0.7]
+    assert "learned tie parameter nu" in capsys.readouterr().out
+
+
+def test_tie_nu_learn_without_ties_trains_plain_bradley_terry(tmp_path, tiny_bert, capsys):
+    out = train(tmp_path, tiny_bert, separable_pairs(16, seed=9), "loss.tie_nu=learn", "train.max_steps=2")
+    captured = capsys.readouterr()
+    assert "no ties; it trains plain Bradley-Terry" in captured.err + captured.out
+    assert "tie_nu" not in log(out)[-1]
+
+
+def test_length_balance_weighs_longer_and_shorter_wins_alike_per_source():
+    from chatrlhf.data.batching import Group
+
+    def pair(source, chosen_longer):
+        long, short = "a long reply " * 3, "short"
+        return Group("p", [long, short] if chosen_longer else [short, long], [0, 1], source=source)
+
+    # Source x: the longer reply wins 3 times in 4; source y: once in 2; a 3-reply ranking in z.
+    groups = [pair("x", True), pair("x", True), pair("x", True), pair("x", False), pair("y", True), pair("y", False),
+              Group("p", ["aaa", "a", "aa"], [0, 1, 2], source="z"), pair("z", False)]
+    reward.balance_lengths(groups, log=lambda *a: None)
+    weights = [g.weight for g in groups]
+    # x: 1 / (2 * 3/4) = 2/3 for a longer win, 1 / (2 * 1/4) = 2 for a shorter win; y is balanced.
+    assert weights[:6] == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2, 1, 1])
+    for source in "xyz":
+        mine = [g for g in groups if g.source == source]
+        assert sum(g.weight for g in mine) == pytest.approx(len(mine))  # weights average 1 per source
+        if source != "z":  # and the weighted pairs the longer reply wins are one half
+            longer_wins = sum(g.weight for g in mine if len(g.replies[0]) > len(g.replies[1]))
+            assert longer_wins / len(mine) == pytest.approx(0.5)
+
+
+def test_length_balance_changes_the_loss_and_is_off_by_default(tmp_path, tiny_bert):
+    rows = separable_pairs(32, seed=11)
+    for row in rows[:24]:  # the chosen reply is longer in 24 of 32 pairs
+        row["chosen"] += " and more words here"
+    plain = log(train(tmp_path, tiny_bert, rows, "train.max_steps=2", name="plain"))
+    balanced = log(train(tmp_path, tiny_bert, rows, "train.max_steps=2", "loss.length_balance=true", name="balanced"))
+    assert plain[0]["loss"] != pytest.approx(balanced[0]["loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="loss.length_balance is for loss.objective=comparisons"):
+        cfg.load(RewardConfig, overrides=["loss.length_balance=true", "loss.objective=regression"])
+
+
+def test_eval_on_a_presets_dev_mixture_reports_each_source_with_length_baselines(tmp_path, tiny_bert, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", separable_pairs(40, seed=12))
+    b = write_jsonl(tmp_path / "b.jsonl", separable_pairs(30, seed=13))
+    out = train(tmp_path, tiny_bert, separable_pairs(64, seed=14), "train.max_steps=4")
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"data:\n  dev:\n    - {{path: {a}, name: first, holdout: 0.5}}\n    - {{path: {b}, name: second}}\n")
+    capsys.readouterr()
+    assert main(["reward", "eval", str(out / "model"), str(preset), "--json", str(tmp_path / "m.json"),
+                 "--report", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert set(result["sources"]) == {"first", "second"} and result["sources"]["second"]["pairs"] == 30
+    assert "  second accuracy" in printed and "mean over 2 sources" in printed
+    figures = json.loads((tmp_path / "report" / "report.json").read_text())["sources"]
+    for source in ("first", "second"):
+        f = figures[source]
+        assert f["accuracy"] == pytest.approx(result["sources"][source]["accuracy"])
+        assert f["accuracy_interval"][0] <= f["accuracy"] <= f["accuracy_interval"][1]
+        assert 0 <= f["longer_wins_accuracy"] <= 1 and 0 <= f["shorter_wins_accuracy"] <= 1
+    assert "Per source" in (tmp_path / "report" / "report.html").read_text()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import policy
+from chatrlhf import policy, sharing
 from chatrlhf.cli import main
 from chatrlhf.recipes import sft
 from conftest import crash_after_checkpoint, read_metrics as log, separable_pairs, tiny_decoder, write_jsonl
@@ -58,36 +58,34 @@ def test_prompt_tokens_carry_no_loss(tiny_llama):
     model, tokenizer = policy.load_policy(tiny_llama)
     examples = [sft.Example(*policy.encode_prompt_response(tokenizer, p, r, 48).__dict__.values(), i)
                 for i, (p, r) in enumerate([("the a of to and", "good it is"), ("hi", "bad")])]
-    batch = policy.collate_lm(examples, tokenizer.pad_token_id)
-    for row, e in enumerate(examples):
-        assert batch["loss_mask"][row].nonzero().flatten().tolist() == list(range(e.prompt_tokens, len(e.input_ids)))
-    logits = sft.forward(model, batch)
-    nll, count = sft.response_nll(logits, batch["input_ids"], batch["loss_mask"])
+    nll, count = sft.reply_nll(model, examples, 512)
     assert count == sum(len(e.input_ids) - e.prompt_tokens for e in examples)
-    # Other targets at prompt (and pad) positions: same loss. At a reply position: another loss.
-    labels = batch["input_ids"].clone()
-    labels[~batch["loss_mask"]] = 7
-    assert torch.equal(sft.response_nll(logits, labels, batch["loss_mask"])[0], nll)
-    labels[0, examples[0].prompt_tokens] = 7
-    assert not torch.equal(sft.response_nll(logits, labels, batch["loss_mask"])[0], nll)
+    batch = policy.collate_lm(examples, tokenizer.pad_token_id)
+    torch.testing.assert_close(nll, -policy.sequence_logps(model, batch).sum())
+    # Another reply token: another loss.
+    changed = [sft.Example(list(e.input_ids), e.prompt_tokens, e.cut) for e in examples]
+    changed[0].input_ids[-1] = 7
+    assert not torch.equal(sft.reply_nll(model, changed, 512)[0], nll)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2-mixed"])
-def test_packed_rows_give_the_same_loss_as_unpacked_ones(tiny_llama, kind):
+@pytest.mark.parametrize("layout", ["one row", "packed rows"])
+def test_reply_nll_equals_separate_forwards(tiny_llama, kind, layout, monkeypatch):
     # Mistral: a sliding window of 4 in every layer; Qwen2: layer 0 full, layer 1 window 4. Both
-    # shorter than the examples: the packed mask must apply the window to the right layers.
+    # shorter than the examples: packed rows must apply the window to the right layers.
     model, tokenizer = policy.load_policy(tiny_llama)
     if kind != "llama":
         model = tiny_decoder(tokenizer, kind, "ForCausalLM", window=4)
+    if layout == "packed rows":
+        monkeypatch.setattr(sharing, "PER_GROUP_DEVICES", ())
     pairs = [("the a of", "good it is"), ("hi hi", "bad"), ("to and in is it", "good")]
     examples = [sft.Example(*policy.encode_prompt_response(tokenizer, p, r, 48).__dict__.values(), i)
                 for i, (p, r) in enumerate(pairs)]
-    unpacked = policy.collate_lm(examples, tokenizer.pad_token_id)
-    expected = sft.response_nll(sft.forward(model, unpacked), unpacked["input_ids"], unpacked["loss_mask"])
-    packed = sft.collate_rows([examples[:2], examples[2:]], tokenizer.pad_token_id)
-    got = sft.response_nll(sft.forward(model, packed), packed["input_ids"], packed["loss_mask"])
-    assert got[1] == expected[1]
-    torch.testing.assert_close(got[0], expected[0])
+    expected = -sum(policy.sequence_logps(model, policy.collate_lm([e], tokenizer.pad_token_id)) for e in examples)
+    for tokens_per_forward in (512, 12):  # all in one forward, or one example per forward
+        nll, count = sft.reply_nll(model, examples, tokens_per_forward)
+        assert count == sum(len(e.input_ids) - e.prompt_tokens for e in examples)
+        torch.testing.assert_close(nll, expected[0])
 
 
 def test_packing_refuses_models_with_recurrent_layers(tmp_path, tiny_llama, capsys):

@@ -291,6 +291,24 @@ def train_ppo(config: Config, overrides: dict | list[str] | None = None,
     return ppo.train(_config(ppo.PPOConfig, config, overrides), reward_fn=reward_fn)
 
 
+def train_grpo(config: Config, overrides: dict | list[str] | None = None,
+               reward_fns: list[Union[RewardModel, Callable[[list, list[str]], list[float]]]] | None = None) -> dict:
+    """GRPO, Dr. GRPO, RLOO or REINFORCE++ (``grpo.algorithm``), as ``chatrlhf grpo``
+    (recipes/grpo.py); ``config`` a ``GRPOConfig``, a dict or a YAML path, as ``train_reward``.
+
+    Args:
+        reward_fns: rewards added to the config's (weighted by ``reward.weights``, after them):
+            ``RewardModel``s or ``fn(prompts, replies) -> rewards``.
+    Returns:
+        the last held-out evaluation (reward, reward_sem, judge, judge_sem, kl, prompts); {}
+        without data.dev.
+    """
+    from chatrlhf.recipes import grpo
+
+    functions = [fn.score if isinstance(fn, RewardModel) else fn for fn in reward_fns or []]
+    return grpo.train(_config(cfg_lib.GRPOConfig, config, overrides), reward_fns=functions)
+
+
 def _config(cls, config: Config, overrides: dict | list[str] | None):
     """A recipe's config from a dataclass, a dict or a YAML path, with overrides on top."""
     if isinstance(config, cls):

@@ -2,7 +2,7 @@
 
     chatrlhf data validate|stats|convert ...
     chatrlhf reward train|score|eval|compare ...
-    chatrlhf sft | dpo | ppo PRESET [section.key=value ...]
+    chatrlhf sft | dpo | ppo | grpo PRESET [section.key=value ...]
     chatrlhf label PRESET [section.key=value ...]
     chatrlhf serve MODEL
 
@@ -22,7 +22,7 @@ import sys
 
 from chatrlhf import __version__, serve
 from chatrlhf import config as cfg
-from chatrlhf.config import DPOConfig, RewardConfig, SFTConfig
+from chatrlhf.config import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 from chatrlhf.data import cli as data_cli
 from chatrlhf.recipes import compare, label
 
@@ -59,6 +59,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     dpo.add_argument("--report", metavar="DIR", help="after training, write the reward-model report "
                      "(report.html, report.json, PNG plots) of the dev implicit rewards into DIR")
     add_deferred(commands, "ppo", command)
+    grpo = cfg.add_preset_command(
+        commands, "grpo", GRPOConfig, lambda config, args: recipe("grpo").train(config),
+        help="GRPO / Dr. GRPO / RLOO / REINFORCE++ of a policy against a reward (no critic)",
+        description="Critic-free RL: K replies per prompt, the group as the baseline (grpo.algorithm).",
+        example="configs/grpo_hh_smollm2.yaml",
+        more_overrides=lambda args: [f"reward.url={args.reward_url}", "reward.model="] if args.reward_url else [])
+    grpo.add_argument("--reward-url", help="score with a `chatrlhf serve` server (same as reward.url=URL)")
     label.add_parser(commands)
     serve.add_parser(commands)
     return parser
@@ -76,7 +83,8 @@ def add_reward(commands) -> None:
                                  ("eval", "eval_command", "accuracy (and ranking metrics) on a file")):
         p = subcommands.add_parser(name, help=text)
         p.add_argument("model", help="saved reward model folder (or a backbone name)")
-        p.add_argument("file", help="pairs, rankings or scored samples")
+        p.add_argument("file", help="pairs, rankings or scored samples" + (
+            "; or a YAML preset: its data.dev, accuracy per source" if function == "eval_command" else ""))
         p.add_argument("--reader", default="auto")
         p.add_argument("--field", action="append", default=[], help="canonical=column")
         p.add_argument("--skip-invalid", action="store_true")

@@ -60,6 +60,8 @@ def _check(name: str, value, hint):
 # Meeting one, loading says so instead of the generic unknown-key error.
 RENAMED = {
     "train.compile": (None, "0.2.0", "it was measured no faster than eager on CPU; delete the setting"),
+    "train.eval_batch_size": ("train.eval_batch_tokens", "0.3.0",
+                              "SFT and DPO score by tokens, not by count of sequences"),
 }
 
 
@@ -245,8 +247,12 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    train: str = option("", "training file (JSONL/JSON/Parquet/CSV, .gz ok, or a saved HF dataset)")
-    dev: str | None = option(None, "held-out file evaluated every train.eval_every steps and at the end")
+    train: str | list = option("", "training file (JSONL/JSON/Parquet/CSV, .gz ok, or a saved HF dataset), "
+                               "or a list of sources, each a path or {path, weight, name, holdout, part, "
+                               "records, limit, reader, fields, options, ...} (docs/data-formats.md, "
+                               "Mixtures), e.g. '[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}]'")
+    dev: str | list | None = option(None, "held-out file, or a list of sources as data.train (no weights), "
+                                    "evaluated every train.eval_every steps and at the end; accuracy per source")
     reader: str = option("auto", "reader name (see `chatrlhf data validate --help`); auto-detected by default")
     fields: dict = option({}, "field mapping canonical=column, e.g. {chosen: answer_a}")
     options: dict = option({}, "reader options, e.g. {aspects: relevance}")
@@ -255,20 +261,35 @@ class DataConfig:
     allow_empty: bool = option(False, "accept empty replies (HH-RLHF has a few: silence was preferred)")
     limit: int | None = option(None, "use only the first N training records (quick trials)")
 
+    def __post_init__(self):
+        from chatrlhf.data import mixture  # here: reading the config needs no data code otherwise
+
+        for section in ("train", "dev"):
+            if mixture.is_mixture(getattr(self, section)):
+                mixture.parse(getattr(self, section), self, section)
+
 
 @dataclasses.dataclass
 class LossConfig:
     objective: Literal["comparisons", "regression"] = option(
         "comparisons", "'comparisons': K-wise Bradley-Terry (InstructGPT eq. 1); 'regression': MSE on scores")
     use_margin: bool = option(False, "subtract each pair's margin from the data inside the sigmoid")
-    tie_nu: float = option(1.0, "Davidson tie parameter, used when the data has ties (data without ties trains plain Bradley-Terry)")
+    tie_nu: float | str = option(1.0, "Davidson tie parameter, used when the data has ties (data without ties "
+                                 "trains plain Bradley-Terry); 'learn': fitted with the model, from 1")
     drop_ties: bool = option(False, "drop pairs marked as ties (counted) instead of modelling them")
     centering: float = option(0.0, "reward-centering coefficient: adds coefficient * (r_i + r_j)^2 per pair, "
                               "averaged over a group's pairs (arXiv 2312.09244; comparisons only)")
+    length_balance: bool = option(False, "weight each training group so that, within each source, pairs "
+                                  "the longer reply wins and pairs the shorter reply wins weigh the same "
+                                  "(length balancing, arXiv 2310.03716); comparisons only")
 
     def __post_init__(self):
-        if self.tie_nu <= 0:
-            raise ValueError(f"loss.tie_nu: expected a positive number, found {self.tie_nu}")
+        if isinstance(self.tie_nu, str) and self.tie_nu != "learn":
+            raise ValueError(f"loss.tie_nu: expected a positive number or 'learn', found {self.tie_nu!r}")
+        if not isinstance(self.tie_nu, str) and self.tie_nu <= 0:
+            raise ValueError(f"loss.tie_nu: expected a positive number or 'learn', found {self.tie_nu}")
+        if self.length_balance and self.objective == "regression":
+            raise ValueError("loss.length_balance is for loss.objective=comparisons (it weighs who wins)")
         if self.centering < 0:
             raise ValueError(f"loss.centering: expected >= 0, found {self.centering}")
         if self.centering and self.objective == "regression":
@@ -374,12 +395,18 @@ class PolicyTrainConfig(EpochsConfig):
     seed: int = option(42, "seed for initialisation and data order")
     bf16: bool | str = option(False, "bf16 autocast on the training device: true, false, or 'auto' (where it "
                               "computes bf16 natively); weights stay float32")
-    eval_batch_size: int = option(16, "sequences per batch when evaluating")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
+                                          "about a third more compute")
+    tokens_per_forward: int = option(2048, "tokens per forward (groups whole, similar lengths together; "
+                                     "sharing.policy_logps)")
+    eval_batch_tokens: int = option(8192, "tokens per batch when scoring (evaluation, DPO's reference pass)")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.eval_batch_size < 1:
-            raise ValueError(f"train.eval_batch_size: expected >= 1, found {self.eval_batch_size}")
+        for key in ("tokens_per_forward", "eval_batch_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: expected >= 1, found {getattr(self, key)}")
+
 
 @dataclasses.dataclass
 class SFTConfig:
@@ -422,3 +449,146 @@ class DPOConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig)
     train: DPOTrainConfig = dataclasses.field(default_factory=lambda: DPOTrainConfig())
+
+
+# ---- GRPO, Dr. GRPO, RLOO, REINFORCE++: critic-free RL (recipes/grpo.py) -----------------------
+
+@dataclasses.dataclass
+class RLPolicyConfig:
+    name: str = option("smollm2-135m", "the policy: an embedded name, a hub id or a local folder")
+    max_prompt_tokens: int = option(256, "prompt tokens kept (cut from the left, oldest turns first)")
+    lora_r: int = option(0, "LoRA rank; 0 trains every weight (and keeps a frozen copy as the reference)")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout (0 keeps the sampling and update passes identical)")
+    lora_target_modules: str | list | None = option("all-linear", "LoRA target modules")
+
+    def lora(self) -> dict | None:
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": self.lora_target_modules} if self.lora_r else None
+
+
+@dataclasses.dataclass
+class RLRewardConfig:
+    model: str = option("", "a saved chatrlhf reward model folder (`chatrlhf reward train` output)")
+    url: str | None = option(None, "score with a `chatrlhf serve` server at this URL instead of reward.model")
+    functions: list = option([], "Python reward functions, each 'module:function' or 'file.py:function' "
+                             "taking (prompts, replies) -> list[float], or a built-in ('count:WORD'); "
+                             "added to the model's (or server's) score")
+    weights: list | None = option(None, "one weight per reward, in order: the model or server first (if "
+                                  "any), then each function; default all 1 (the reward is the weighted sum)")
+    max_length: int | None = option(None, "reward-model tokens per (prompt, reply); default: its training max_length")
+    batch_tokens: int = option(16384, "tokens per reward-model batch")
+    device: str | None = option(None, "where the reward model runs, e.g. 'cuda:1'; default: the policy's device")
+
+
+@dataclasses.dataclass
+class RLDataConfig:
+    train: str = option("", "prompts for rollouts: any preference file (the records' prompts are used, deduplicated)")
+    dev: str | None = option(None, "held-out prompts, evaluated every train.eval_every steps")
+    reader: str = option("auto", "reader name (see `chatrlhf data validate --help`)")
+    fields: dict = option({}, "field mapping canonical=column")
+    skip_invalid: bool = option(False, "skip invalid records (counted) instead of stopping")
+    allow_empty: bool = option(True, "accept records with empty replies (only their prompts are used)")
+    limit: int | None = option(None, "use only the first N distinct training prompts")
+    dev_limit: int | None = option(64, "held-out prompts evaluated (the first N distinct ones)")
+    long_prompts: Literal["cut", "drop"] = option("cut", "prompts over policy.max_prompt_tokens: cut "
+                                                  "from the left, or drop (both counted)")
+
+
+@dataclasses.dataclass
+class RLGenerationConfig:
+    max_new_tokens: int = option(64, "reply tokens sampled at most (a reply without EOS is cut there)")
+    temperature: float = option(1.0, "sampling temperature (log-probabilities use it too)")
+    top_p: float = option(1.0, "nucleus sampling; 1 samples from the whole distribution")
+    share_prompt_cache: bool = option(True, "compute each prompt's KV cache once for its K samples "
+                                      "(the same samples as without; less prefill)")
+    eval_greedy: bool = option(False, "greedy held-out replies (default: sampled with a fixed seed)")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"generation: expected max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1; found "
+                             f"{self.max_new_tokens}, {self.temperature}, {self.top_p}")
+
+
+# What each algorithm does by default: its advantage, where its KL goes, how its loss weighs tokens.
+RL_ALGORITHMS = {
+    "grpo": "advantage (r - group mean) / group std; KL in the loss; per-reply token mean, then mean",
+    "dr_grpo": "advantage r - group mean; KL in the loss; token sum / (replies x max_new_tokens)",
+    "rloo": "advantage r - mean of the group's other replies; KL in the loss; token mean over the batch",
+    "reinforce_pp": "per-token KL in the reward, return-to-go whitened over the batch; token mean",
+}
+LOSS_AGGREGATION = {"grpo": "sequence_mean", "dr_grpo": "constant", "rloo": "token_mean", "reinforce_pp": "token_mean"}
+
+
+@dataclasses.dataclass
+class GRPOSection:
+    algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = option(
+        "grpo", "; ".join(f"'{k}': {v}" for k, v in RL_ALGORITHMS.items()))
+    prompts_per_step: int = option(4, "P: prompts per step")
+    group_size: int = option(4, "K: replies sampled per prompt (the group, its own baseline)")
+    num_iterations: int = option(1, "optimizer steps on each rollout (TRL's num_iterations, the mu of "
+                                 "GRPO); above 1 the ratio clipping matters")
+    clip_range: float = option(0.2, "ratio clipping epsilon")
+    beta: float = option(0.0, "KL coefficient (the loss's, or the reward's for reinforce_pp); 0 skips the "
+                         "reference model entirely (no reference forward)")
+    kl_estimator: Literal["k1", "k3"] = option("k3", "per-token KL estimate (losses.kl_penalty); GRPO uses k3")
+    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] | None = option(
+        None, "token weighting of the loss (losses.aggregate_token_loss); default the algorithm's: "
+        + ", ".join(f"{k} {v}" for k, v in LOSS_AGGREGATION.items()))
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size: expected >= 2 (the group is the baseline), found {self.group_size}")
+        for name in ("prompts_per_step", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name}: expected >= 1, found {getattr(self, name)}")
+        if self.beta < 0 or self.clip_range <= 0:
+            raise ValueError(f"grpo: expected beta >= 0 and clip_range > 0, found {self.beta}, {self.clip_range}")
+        if self.loss_aggregation not in (None, *LOSS_AGGREGATION.values()):
+            raise ValueError(f"grpo.loss_aggregation: expected one of {sorted(set(LOSS_AGGREGATION.values()))} "
+                             f"or null, found {self.loss_aggregation!r}")
+
+    @property
+    def aggregation(self) -> str:
+        return self.loss_aggregation or LOSS_AGGREGATION[self.algorithm]
+
+
+@dataclasses.dataclass
+class RLEvalConfig:
+    judge: str | None = option(None, "a second scorer of the held-out replies, not trained against: a "
+                               "reward model folder, a `chatrlhf serve` URL, or 'module:function'; a "
+                               "gap between its score and the training reward's shows reward hacking")
+    judge_max_length: int | None = option(None, "the judge reward model's tokens per (prompt, reply)")
+
+
+@dataclasses.dataclass
+class GRPOTrainConfig(RunConfig):
+    output_dir: str = option("runs/grpo", "checkpoints, metrics.jsonl, samples.jsonl, curves.png, model/")
+    lr: float = option(1e-5, "policy learning rate (AdamW); LoRA usually wants ~1e-4 to 1e-3")
+    warmup_ratio: float = option(0.0, "fraction of optimizer steps with linear warmup")
+    schedule: Literal["linear", "cosine", "constant"] = option("constant", "decay after warmup")
+    grad_accum: int = option(1, "micro-batches each rollout is split into (whole groups; less memory, same update)")
+    steps: int = option(100, "steps (one rollout of P x K replies each)")
+    eval_every: int = option(10, "held-out evaluation every N steps (and before the first and after the last)")
+    sample_every: int = option(10, "write sample generations after the first step and every N steps")
+    samples: int = option(8, "replies written each time")
+    tokens_per_forward: int = option(2048, "tokens per policy forward (sharing.policy_logps)")
+    share_prompt: bool = option(True, "policy and reference log-probabilities of a group's K replies with "
+                                "their prompt computed once (sharing.policy_logps; false: each reply alone)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps < 1 or self.tokens_per_forward < 1:
+            raise ValueError(f"train: expected steps >= 1 and tokens_per_forward >= 1, found "
+                             f"{self.steps}, {self.tokens_per_forward}")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    policy: RLPolicyConfig = dataclasses.field(default_factory=RLPolicyConfig)
+    reward: RLRewardConfig = dataclasses.field(default_factory=RLRewardConfig)
+    data: RLDataConfig = dataclasses.field(default_factory=RLDataConfig)
+    generation: RLGenerationConfig = dataclasses.field(default_factory=RLGenerationConfig)
+    grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
+    eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig)
+    train: GRPOTrainConfig = dataclasses.field(default_factory=GRPOTrainConfig)

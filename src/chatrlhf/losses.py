@@ -38,24 +38,30 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(diff)
 
 
-def davidson_log_probs(diff: torch.Tensor, nu: float) -> tuple[torch.Tensor, torch.Tensor]:
+def davidson_log_probs(diff: torch.Tensor, nu: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log P(i beats j) and log P(tie) under the Davidson model, for d = r_i - r_j.
 
     Args:
         diff: (...) reward differences r_i - r_j.
-        nu: tie parameter >= 0; nu = 0 is Bradley-Terry (log P(tie) = -inf).
+        nu: tie parameter >= 0; nu = 0 is Bradley-Terry (log P(tie) = -inf). A 0-dim tensor
+            nu > 0 (e.g. exp of a learned log nu, ``loss.tie_nu=learn``) gets gradients.
     """
     half = diff / 2
     terms = [half, -half]
-    if nu > 0:
-        terms.append(torch.full_like(diff, math.log(nu)))
+    if torch.is_tensor(nu):
+        log_nu = nu.log().to(diff.dtype)
+        terms.append(log_nu.expand_as(diff))
+    elif nu > 0:
+        log_nu = math.log(nu)
+        terms.append(torch.full_like(diff, log_nu))
+    else:
+        log_nu = -math.inf
     log_norm = torch.logsumexp(torch.stack(terms), dim=0)
-    log_tie = (math.log(nu) if nu > 0 else -math.inf) - log_norm
-    return half - log_norm, log_tie
+    return half - log_norm, log_nu - log_norm
 
 
 def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, group_sizes: list[int],
-                 margins: torch.Tensor | None = None, tie_nu: float = 0.0) -> torch.Tensor:
+                 margins: torch.Tensor | None = None, tie_nu: float | torch.Tensor = 0.0) -> torch.Tensor:
     """K-wise ranking loss of InstructGPT (arXiv 2203.02155, eq. 1), with margins and ties.
 
     For a group of K replies, every unordered pair {i, j} contributes -log P(observed outcome):
@@ -68,7 +74,8 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, group_sizes: list[i
         ranks: (sum K,) rank of each reply within its group, 0 = best, equal = tie.
         group_sizes: K of each group, each >= 2.
         margins: optional (G,) margin per group, subtracted from d on every strict pair.
-        tie_nu: Davidson tie parameter; must be > 0 if any group has a tie.
+        tie_nu: Davidson tie parameter (a float, or a 0-dim tensor to learn it); must be > 0 if
+            any group has a tie.
     Returns:
         (G,) per-group losses.
     """
@@ -387,3 +394,140 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.var)
+
+
+# ==== Critic-free RL: group advantages, the clipped policy-gradient loss, token weighting =========
+#
+# A rollout is G prompts with K replies each, the K replies of a group consecutive: rewards (G * K,)
+# and per-token tensors (G * K, N) with the ``mask`` of the PPO section. The group is the baseline
+# (no critic). Sources: GRPO (DeepSeekMath, arXiv 2402.03300, eq. 3 and section 4.1.2), Dr. GRPO
+# (Liu et al., arXiv 2503.20783, section 3.1), RLOO (Ahmadian et al., arXiv 2402.14740, eq. 7),
+# REINFORCE++ (Hu, arXiv 2501.03262, sections 3.1-3.3). recipes/grpo.py composes them.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantage, one per reply (DeepSeekMath, arXiv 2402.03300, section 4.1.2):
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)      scale=True  (GRPO)
+        A_i =  r_i - mean(r_group)                               scale=False (Dr. GRPO, arXiv
+                                                                 2503.20783: the std favours groups
+                                                                 that are nearly all right or wrong)
+    The std is the sample one (divide by K - 1), as TRL's GRPOTrainer; a group whose K rewards are
+    all equal gets A = 0 (no signal). Example, K = 2, rewards [1, 3]: mean 2, std sqrt(2), so
+    A = [-1, 1] / (sqrt(2) + eps) ~ [-0.7071, 0.7071]; with scale=False, [-1, 1].
+
+    Args:
+        rewards: (G * K,) one reward per reply, the K replies of each group consecutive.
+        group_size: K >= 2.
+    Returns:
+        (G * K,) advantages.
+    """
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(-1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (RLOO, Ahmadian et al., arXiv 2402.14740, eq. 7; Kool et al. 2019):
+    each reply's baseline is the mean reward of the group's other K - 1 replies,
+
+        A_i = r_i - (sum_j r_j - r_i) / (K - 1)  =  K / (K - 1) * (r_i - mean(r_group)).
+    Example, K = 4, rewards [1, 2, 3, 6]: A = [1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2] = [-8/3, -4/3, 0, 4].
+
+    Args:
+        rewards: (G * K,) the K replies of each group consecutive; group_size: K >= 2.
+    Returns:
+        (G * K,) advantages (unbiased: the baseline does not depend on the reply it scores).
+    """
+    grouped = rewards.view(-1, group_size)
+    return ((grouped * group_size - grouped.sum(-1, keepdim=True)) / (group_size - 1)).flatten()
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                            kl_coef: float) -> torch.Tensor:
+    """REINFORCE++ (Hu, arXiv 2501.03262, sections 3.1-3.3): per-token rewards with the KL penalty
+    in them, r_t = -kl_coef * kl_t plus the score on the reply's last token (``token_rewards``, the
+    PPO form), the return-to-go as the advantage (gamma = 1, no critic),
+
+        A_t = sum_{s >= t} r_s,
+    then normalised over every reply token of the whole batch (not per group): (A - mean) / std.
+
+    Args:
+        scores: (B,) one score per reply; kl: (B, N) per-token KL estimates (``kl_penalty``, k1
+            in the paper); mask: (B, N) reply tokens, contiguous from position 0.
+    Returns:
+        (B, N) advantages, 0 where mask is False.
+    """
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    returns = rewards.flip(-1).cumsum(-1).flip(-1)
+    return masked_whiten(returns, mask)
+
+
+def clipped_pg_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                    clip_range: float = 0.2, reference_logps: torch.Tensor | None = None,
+                    kl_coef: float = 0.0, kl_estimator: str = "k3") -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token GRPO objective as a loss to minimise (arXiv 2402.03300, eq. 3):
+
+        l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)) + kl_coef * KL_t,
+        rho_t = exp(logp_t - old_logp_t),
+    with KL_t = ``kl_penalty(logps, reference_logps, kl_estimator)`` (k3 in GRPO, eq. 4; k1 possible),
+    whose gradient flows through ``logps``. ``kl_coef = 0`` or no ``reference_logps`` drops the
+    term. With old_logps = logps.detach() (one update per rollout) rho = 1 and the gradient is
+    plain REINFORCE's, -A_t * grad logp_t.
+
+    Args:
+        logps: (B, N) under the policy being trained; old_logps: (B, N) at sampling time;
+        advantages: (B, N), or (B,) one per reply (broadcast over its tokens).
+    Returns:
+        (per-token losses (B, N), per-token bool (B, N): True where the clipped term was taken).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    losses, clipped = ppo_policy_loss(logps, old_logps, advantages.expand_as(logps), clip_range)
+    if kl_coef and reference_logps is not None:
+        losses = losses + kl_coef * kl_penalty(logps, reference_logps, kl_estimator)
+    return losses, clipped
+
+
+def aggregate_token_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
+                         max_tokens: int | None = None, num_sequences: int | None = None,
+                         num_tokens: int | None = None) -> torch.Tensor:
+    """One loss from per-token losses: how much each token weighs.
+
+        "sequence_mean": mean over each reply's tokens, then over the replies (GRPO, arXiv
+                         2402.03300 eq. 3: a token of a short reply weighs more);
+        "token_mean":    sum over every token / number of tokens (DAPO, arXiv 2503.14476;
+                         OpenRLHF; every token weighs the same);
+        "constant":      sum over every token / (replies * max_tokens) (Dr. GRPO, arXiv 2503.20783:
+                         no length normalisation at all; max_tokens = generation.max_new_tokens).
+    ``num_sequences`` / ``num_tokens`` are the whole batch's when ``per_token`` is one micro-batch
+    of it (default: this one's), so that the micro-batches' losses add up to the batch's.
+    Example: replies of 1 and 3 tokens with losses [[3, -, -], [1, 1, 1]]: sequence_mean
+    (3 + 1) / 2 = 2; token_mean 6 / 4 = 1.5; constant with max_tokens 4: 6 / 8 = 0.75.
+
+    Args:
+        per_token: (B, N) losses; mask: (B, N) bool, True on reply tokens.
+    Returns:
+        a 0-dim loss.
+    """
+    m = mask.to(per_token.dtype)
+    num_sequences = num_sequences or per_token.shape[0]
+    if mode == "sequence_mean":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / num_sequences
+    if mode == "token_mean":
+        return (per_token * m).sum() / (num_tokens or m.sum().clamp(min=1))
+    if mode == "constant":
+        if not max_tokens:
+            raise ValueError("aggregate_token_loss: mode 'constant' needs max_tokens")
+        return (per_token * m).sum() / (num_sequences * max_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}: expected 'sequence_mean', 'token_mean' or 'constant'")
+
+
+def zero_signal_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(G,) True for each group whose K rewards are all equal: every group-baseline advantage is 0,
+    so the group gives no policy gradient (only the KL term, if any)."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.max(-1).values == grouped.min(-1).values

@@ -113,14 +113,21 @@ def encode_prompt_response(tokenizer, prompt: Prompt, reply: str, max_length: in
     """Prompt + reply ids under ``max_length``: the prompt is cut from the left; the reply keeps up
     to ``max_reply_tokens`` (default 3/4 of max_length) and is cut from the right beyond that,
     as for reward models (data/tokenize.py)."""
+    return encode_group(tokenizer, prompt, [reply], max_length, max_reply_tokens)[0]
+
+
+def encode_group(tokenizer, prompt: Prompt, replies: list[str], max_length: int,
+                 max_reply_tokens: int | None = None) -> list[Encoded]:
+    """Each reply after the same prompt, as ``encode_prompt_response`` encodes one, but the prompt
+    cut alike for all of them (to what the longest kept reply leaves), so the group's sequences
+    share it token for token and its forward runs once (``sharing.policy_logps``)."""
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(render_reply(tokenizer, prompt, reply), add_special_tokens=False)["input_ids"]
     budget = min(max_length - 1, max_reply_tokens or max_length * 3 // 4)
-    reply_keep = min(len(reply_ids), max(max_length - len(prompt_ids), budget))
-    prompt_keep = min(len(prompt_ids), max_length - reply_keep)
-    cut = reply_keep < len(reply_ids) or prompt_keep < len(prompt_ids)
-    ids = prompt_ids[len(prompt_ids) - prompt_keep:] + reply_ids[:reply_keep]
-    return Encoded(ids, prompt_keep, cut)
+    reply_ids = [tokenizer(render_reply(tokenizer, prompt, r), add_special_tokens=False)["input_ids"] for r in replies]
+    reply_keep = [min(len(ids), max(max_length - len(prompt_ids), budget)) for ids in reply_ids]
+    prompt_keep = min(len(prompt_ids), max_length - max(reply_keep))
+    return [Encoded(prompt_ids[len(prompt_ids) - prompt_keep:] + ids[:keep], prompt_keep,
+                    keep < len(ids) or prompt_keep < len(prompt_ids)) for ids, keep in zip(reply_ids, reply_keep)]
 
 
 def collate_lm(items: list[Encoded], pad_token_id: int) -> dict:

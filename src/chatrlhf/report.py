@@ -74,7 +74,13 @@ def length_figures(groups: list[Group], rewards: list[list[float]], ranks: list[
     flat_lengths = [float(n) for lengths in reply_tokens for n in lengths]
     out["reward_length_pearson"] = metrics.pearson(flat_rewards, flat_lengths)
     out["reward_length_spearman"] = metrics.spearman(flat_rewards, flat_lengths)
-    # How often each side picks the longer reply, over strict human pairs of unequal length.
+    out.update(prefers_longer(rewards, ranks, reply_tokens))
+    return out
+
+
+def prefers_longer(rewards: list[list[float]], ranks: list[list[int]], reply_tokens: list[list[int]]) -> dict:
+    """How often the people and the model pick the longer reply, over strict human pairs of
+    unequal length (a model tie counts one half)."""
     model_longer = human_longer = pairs = 0
     for group_rewards, group_ranks, lengths in zip(rewards, ranks, reply_tokens):
         for i in range(len(lengths)):
@@ -86,9 +92,31 @@ def length_figures(groups: list[Group], rewards: list[list[float]], ranks: list[
                 human_longer += group_ranks[longer] < group_ranks[shorter]
                 model_longer += (group_rewards[longer] > group_rewards[shorter]) + 0.5 * (
                     group_rewards[longer] == group_rewards[shorter])
-    out["pairs_of_unequal_length"] = pairs
-    out["human_prefers_longer"] = human_longer / pairs if pairs else math.nan
-    out["model_prefers_longer"] = model_longer / pairs if pairs else math.nan
+    return {"pairs_of_unequal_length": pairs,
+            "human_prefers_longer": human_longer / pairs if pairs else math.nan,
+            "model_prefers_longer": model_longer / pairs if pairs else math.nan}
+
+
+def source_figures(groups: list[Group], rewards: list[list[float]], reply_tokens: list[list[int]],
+                   resamples: int, seed: int) -> dict:
+    """Per source of a mixture (``Group.source``): accuracy with its interval beside the "longer
+    reply wins" and "shorter reply wins" baselines on the same pairs (a model that learned only
+    length matches one of them), and how often people and model prefer the longer reply."""
+    out = {}
+    for name in dict.fromkeys(g.source for g in groups):
+        members = [i for i, g in enumerate(groups) if g.source == name]
+        r, k = [rewards[i] for i in members], [groups[i].ranks for i in members]
+        lengths = [[float(n) for n in reply_tokens[i]] for i in members]
+        flat_rewards, flat_lengths = [x for g in r for x in g], [x for g in lengths for x in g]
+        model = metrics.summarize(r, k)
+        out[name] = {"groups": len(members), "pairs": model["pairs"], "accuracy": model["accuracy"],
+                     "accuracy_interval": metrics.group_metric_intervals(r, k, resamples, seed=seed)["accuracy"],
+                     "longer_wins_accuracy": metrics.summarize(lengths, k)["accuracy"],
+                     "shorter_wins_accuracy": metrics.summarize([[-n for n in x] for x in lengths], k)["accuracy"],
+                     "reward_length_spearman": metrics.spearman(flat_rewards, flat_lengths),
+                     **prefers_longer(r, k, [reply_tokens[i] for i in members])}
+        if "best_vs_worst_accuracy" in model:
+            out[name]["best_vs_worst_accuracy"] = model["best_vs_worst_accuracy"]
     return out
 
 
@@ -162,6 +190,8 @@ def build_figures(groups: list[Group], rewards: list[list[float]], result: dict,
     return {
         "summary": summary,
         "length": length_figures(groups, rewards, ranks, prompt_tokens, reply_tokens, resamples, seed),
+        "sources": (source_figures(groups, rewards, reply_tokens, resamples, seed)
+                    if len({g.source for g in groups}) > 1 else {}),
         "calibration": calibration_figures(strict),
         "distribution": distribution_figures(rewards, ranks, strict, tied),
         "normalization": {"trained_reward_mean": info.get("reward_mean"),
@@ -311,6 +341,14 @@ def render_html(figures: dict, images: dict[str, Path], title: str) -> str:
     sections += ["<h2>Length bias</h2>", _image(images["length"]),
                  _side(_table(["bucket", "groups", "pairs", "accuracy", "95% interval", "longer wins"], bucket_rows),
                        _table(["figure", "value"], correlations))]
+    if figures.get("sources"):
+        source_rows = [[html.escape(name), f["pairs"], f["accuracy"], _interval(f["accuracy_interval"]),
+                        f["longer_wins_accuracy"], f["shorter_wins_accuracy"], f["human_prefers_longer"],
+                        f["model_prefers_longer"], f["reward_length_spearman"]]
+                       for name, f in figures["sources"].items()]
+        sections += ["<h3>Per source</h3>", _table(
+            ["source", "pairs", "accuracy", "95% interval", "longer wins", "shorter wins",
+             "people prefer longer", "model prefers longer", "Spearman(reward, length)"], source_rows)]
 
     bins = [[f"{row['low']:.1f}-{row['high']:.1f}", row["count"], row["predicted"], row["observed"],
              after["count"], after["predicted"], after["observed"]]
@@ -405,6 +443,11 @@ def format_report(figures: dict) -> str:
                          f"95% interval {_interval(summary['intervals'][key])}")
     lines.append(f"longer reply wins {_number(length['longer_wins_accuracy'])}; reward-length Pearson "
                  f"{_number(length['reward_length_pearson'], 3)}, Spearman {_number(length['reward_length_spearman'], 3)}")
+    for name, f in figures.get("sources", {}).items():
+        lines.append(f"  {name}: accuracy {_number(f['accuracy'])} {_interval(f['accuracy_interval'])} on "
+                     f"{f['pairs']} pairs; longer wins {_number(f['longer_wins_accuracy'])}, shorter wins "
+                     f"{_number(f['shorter_wins_accuracy'])}; model prefers longer "
+                     f"{_number(f['model_prefers_longer'])}")
     lines.append(f"ECE {_number(calibration['ece'])}; temperature {calibration['temperature']:.3g} "
                  f"gives ECE {_number(calibration['ece_after_temperature'])}")
     return "\n".join(lines)

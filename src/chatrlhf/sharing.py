@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from chatrlhf import models
+
 # Devices where each group attends on its own (``_group_attention``); elsewhere one kernel on
 # rows padded with a mask.
 PER_GROUP_DEVICES = ("cpu",)
@@ -81,6 +83,7 @@ class Packed:
     position_ids: torch.Tensor  # (rows, width)
     attention_mask: torch.Tensor  # (rows, 1, width, width) bool, True = may attend
     reward_at: list[tuple[int, int]] = field(default_factory=list)  # (row, column) per reply
+    layout: list | None = None  # one row of groups: (prefix length, [reply lengths]) per group
 
 
 def pack(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad_id: int) -> Packed:
@@ -347,3 +350,256 @@ def _group_attention(module, query, key, value, attention_mask, scaling=None, dr
 AttentionInterface.register(GROUP_ATTENTION, _group_attention)
 # The layout is the mask: the model builds none.
 ALL_MASK_ATTENTION_FUNCTIONS.register(GROUP_ATTENTION, lambda *args, **kwargs: None)
+
+
+# ---- the policy's log-probabilities ---------------------------------------------------------
+
+@dataclass
+class TokenLogps:
+    """Log-probabilities of the loss tokens of several sequences, one sequence after another."""
+
+    values: torch.Tensor  # (N,) log p of each loss token, with the graph when the model has one
+    lengths: list[int]  # loss tokens per sequence
+    entropy: torch.Tensor | None = None  # (N,) entropy of each predicting distribution, no graph
+
+    def split(self) -> list[torch.Tensor]:
+        return list(self.values.split(self.lengths))
+
+    def sums(self) -> torch.Tensor:
+        """(S,) the log-probability of each sequence's loss tokens."""
+        owner = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.values.device),
+                                        torch.tensor(self.lengths, device=self.values.device))
+        return self.values.new_zeros(len(self.lengths)).index_add(0, owner, self.values)
+
+    def means(self) -> torch.Tensor:
+        """(S,) the mean log-probability per loss token of each sequence."""
+        return self.sums() / torch.tensor(self.lengths, device=self.values.device).clamp(min=1)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, longest) values right-padded with 0, and the (S, longest) bool mask of real tokens."""
+        values = torch.nn.utils.rnn.pad_sequence(self.split(), batch_first=True)
+        mask = torch.arange(values.shape[1], device=values.device) < torch.tensor(
+            self.lengths, device=values.device)[:, None]
+        return values, mask
+
+
+def policy_logps(model, sequences: list[list[int]], loss_starts: list[int], group_sizes: list[int] | None = None,
+                 *, temperature: float = 1.0, entropy: bool = False, tokens_per_forward: int = 2048) -> TokenLogps:
+    """log p of the tokens ``sequences[i][loss_starts[i]:]`` under a causal LM, each group's prompt
+    computed once: the one forward of SFT, DPO (its policy and reference passes) and GRPO.
+
+    ``group_sizes`` lists how many consecutive sequences share a prompt (the K replies of a group;
+    None: none shared). A group's shared part is the common token prefix of its sequences, never
+    reaching into a loss token; its replies attend to it as in ``shared_prompt_rewards`` (on CPU
+    one row per forward without padding, elsewhere rows packed with a mask), groups sorted by
+    length into forwards of about ``tokens_per_forward`` tokens. The output layer runs only where
+    a loss token is predicted, in chunks (``_LossTokenLogps``): the (tokens x vocabulary) logits
+    are never held whole, in the forward or the backward. ``temperature`` divides the logits, as
+    sampling did (RL). Through the model's wrapper (DDP, FSDP), as an ordinary forward. Equal to
+    separate forwards up to rounding (tests/test_policy_logps.py)."""
+    group_sizes = group_sizes or [1] * len(sequences)
+    if sum(group_sizes) != len(sequences) or len(loss_starts) != len(sequences):
+        raise ValueError(f"{len(sequences)} sequences, {len(loss_starts)} loss starts and groups of "
+                         f"{sum(group_sizes)} sequences in all: they must agree")
+    starts = [max(1, s) for s in loss_starts]  # a sequence's first token has no prediction
+    from chatrlhf import training
+
+    return training.call_through(model, lambda inner: _policy_logps(
+        inner, sequences, starts, group_sizes, temperature, entropy, tokens_per_forward))
+
+
+def _policy_logps(model, sequences, starts, group_sizes, temperature, entropy, tokens_per_forward) -> TokenLogps:
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    body, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    device = head.weight.device
+    if getattr(base.config, "final_logit_softcapping", None) or head.bias is not None:
+        return _plain_logps(model, sequences, starts, temperature, entropy, device)
+    share = not unmasked_layers(base.config)  # else each sequence in its own padded row
+    per_group = share and attends_per_group(body, device, max(map(len, sequences)))
+    # Per group: the shared prefix (none reaching a loss token) and each sequence's own part.
+    groups, first = [], 0
+    for size in group_sizes:
+        members = list(range(first, first + size))
+        length = min([common_prefix([sequences[i] for i in members])] + [starts[i] for i in members]) \
+            if size > 1 and share else 0
+        groups.append((members, length))
+        first += size
+    # Forwards of about tokens_per_forward tokens, groups of similar length together.
+    cost = [length + sum(len(sequences[i]) - length for i in members) for members, length in groups]
+    chunks, current, tokens = [], [], 0
+    for g in sorted(range(len(groups)), key=cost.__getitem__):
+        if current and tokens + cost[g] > tokens_per_forward:
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(g)
+        tokens += cost[g]
+    chunks.append(current)
+    from chatrlhf import training
+
+    if any(length for _, length in groups):
+        training.took("prompt sharing")
+    training.took("reply-only output layer")
+    hidden_pieces, owners = [], []  # hidden states predicting loss tokens, and their sequences
+    for chunk in chunks:
+        members = [i for g in chunk for i in groups[g][0]]
+        prefixes = [sequences[groups[g][0][0]][:groups[g][1]] for g in chunk]
+        suffixes = [[sequences[i][groups[g][1]:] for i in groups[g][0]] for g in chunk]
+        if not share:
+            layout = _padded_layout([sequences[i] for i in members])
+        elif per_group:
+            layout = _grouped_layout(prefixes, suffixes)
+        else:
+            layout = pack(prefixes, suffixes, base.config.pad_token_id or 0)
+        # Flat indices (into the forward's rows x width hidden states) of the states that predict
+        # each member's loss tokens: token t is predicted at t - 1, which for the first token of
+        # a member's own part is the prefix's last token, just before the group's first reply.
+        width, ends = layout.input_ids.shape[1], iter(layout.reward_at)
+        index = []
+        for g in chunk:
+            members_g, length = groups[g]
+            prefix_last = None
+            for i in members_g:
+                row, last = next(ends)
+                own = row * width + last - (len(sequences[i]) - length) + 1
+                prefix_last = own - 1 if prefix_last is None else prefix_last
+                index += [prefix_last if t == length else own + t - 1 - length for t in range(starts[i], len(sequences[i]))]
+        index = torch.tensor(index, dtype=torch.long, device=device)
+        hidden_pieces.append(_hidden(body, layout, device, index, per_group))
+        owners += members
+    lengths = [len(s) - b for s, b in zip(sequences, starts)]
+    by_owner = dict(zip(owners, torch.cat(hidden_pieces).split([lengths[i] for i in owners])))
+    hidden = torch.cat([by_owner[i] for i in range(len(sequences))])
+    targets = torch.tensor([t for s, b in zip(sequences, starts) for t in s[b:]], dtype=torch.long, device=device)
+    if models.is_sharded(base):  # weights gathered for the forward only (ZeRO-3, FSDP 2), gone by the
+        # backward: the output layer through autograd, unchunked
+        logits = head(hidden).float() / temperature
+        lse = logits.logsumexp(-1)
+        values = logits.gather(-1, targets[:, None])[:, 0] - lse
+        entropies = (lse - (logits.softmax(-1) * logits).sum(-1)).detach()
+    else:
+        values, entropies = _LossTokenLogps.apply(hidden, head.weight, targets, temperature, entropy)
+    return TokenLogps(values, lengths, entropies if entropy else None)
+
+
+
+def _grouped_layout(prefixes: list[list[int]], suffixes: list[list[list[int]]]) -> Packed:
+    """Groups one after another in one row, as ``_group_attention`` reads them (no mask: the
+    layout, in ``Packed.layout``, is the mask)."""
+    ids, positions, ends = [], [], []
+    for prefix, replies in zip(prefixes, suffixes):
+        ids += prefix
+        positions += range(len(prefix))
+        for reply in replies:
+            ids += reply
+            positions += range(len(prefix), len(prefix) + len(reply))
+            ends.append((0, len(ids) - 1))
+    return Packed(torch.tensor([ids]), torch.tensor([positions]), None, ends,
+                  [(len(prefix), [len(r) for r in replies]) for prefix, replies in zip(prefixes, suffixes)])
+
+
+def _padded_layout(sequences: list[list[int]]) -> Packed:
+    """Each sequence in its own right-padded row, the ordinary causal mask (for models whose
+    layers ignore a mask: nothing can share a row)."""
+    width = max(map(len, sequences))
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    return Packed(ids, None, mask, [(row, len(s) - 1) for row, s in enumerate(sequences)])
+
+
+def _hidden(body, layout: Packed, device, index: torch.Tensor, per_group: bool) -> torch.Tensor:
+    """(len(index), hidden) the body's last hidden states at the flat ``index`` of its output."""
+    ids = layout.input_ids.to(device)
+    if layout.position_ids is None:  # padded rows
+        hidden = body(input_ids=ids, attention_mask=layout.attention_mask.to(device), use_cache=False).last_hidden_state
+    elif per_group:
+        # unique: a prefix's last token predicts each of its replies' first tokens
+        with _attention(body.config, GROUP_ATTENTION), _last_feed_forward_at(body, index.unique()):
+            hidden = body(input_ids=ids, position_ids=layout.position_ids.to(device), use_cache=False,
+                          chatrlhf_groups=layout.layout).last_hidden_state
+    else:
+        eager = body.config._attn_implementation == "eager"
+        mask = layer_masks(body.config, layout.attention_mask.to(device), layout.position_ids.to(device),
+                           body.dtype if eager else None)
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=layout.position_ids.to(device),
+                      use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1)[index]
+
+
+def _plain_logps(model, sequences, starts, temperature, entropy, device) -> TokenLogps:
+    """Separate padded forwards through the whole model, for models whose logits are more than
+    the output layer of the last hidden state (a logit soft-cap, a bias)."""
+    layout = _padded_layout(sequences)
+    # The class's forward: within call_through the instance's forward is this function's caller.
+    logits = type(model).forward(model, input_ids=layout.input_ids.to(device),
+                                 attention_mask=layout.attention_mask.to(device)).logits
+    values, entropies = [], []
+    for row, (s, b) in enumerate(zip(sequences, starts)):
+        scaled = logits[row, b - 1:len(s) - 1].float() / temperature
+        lse = scaled.logsumexp(-1)
+        values.append(scaled.gather(-1, torch.tensor(s[b:], device=device)[:, None])[:, 0] - lse)
+        if entropy:
+            entropies.append((lse - (scaled.softmax(-1) * scaled).sum(-1)).detach())
+    return TokenLogps(torch.cat(values), [len(s) - b for s, b in zip(sequences, starts)],
+                      torch.cat(entropies) if entropy else None)
+
+
+class _LossTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / temperature)[target] per token, the logits computed
+    ``CHUNK`` tokens at a time and never kept: the forward keeps each token's logsumexp, the
+    backward computes each chunk's logits again. With the output layer frozen (LoRA) the forward
+    also computes d log p / d hidden (tokens x hidden, small) and the backward only scales it,
+    so the output layer's matmuls are as many as autograd's on the whole logits."""
+
+    CHUNK = 1024
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, entropy: bool):
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        w = weight.to(dtype)
+        store_grad = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        logps = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        entropies = torch.empty_like(logps) if entropy else logps.new_empty(0)
+        unit = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if store_grad else None
+        for s in range(0, len(targets), _LossTokenLogps.CHUNK):
+            part = slice(s, s + _LossTokenLogps.CHUNK)
+            logits = (hidden[part].to(dtype) @ w.T).float() / temperature
+            lse[part] = logits.logsumexp(-1)
+            logps[part] = logits.gather(-1, targets[part, None])[:, 0] - lse[part]
+            if entropy or store_grad:
+                probs = (logits - lse[part, None]).exp()
+            if entropy:
+                entropies[part] = lse[part] - (probs * logits).sum(-1)
+            if store_grad:  # d log p / d hidden = (weight[target] - probs @ weight) / temperature
+                unit[part] = ((w[targets[part]].float() - probs @ w.float()) / temperature).to(dtype)
+        ctx.temperature, ctx.dtype, ctx.store_grad = temperature, dtype, store_grad
+        ctx.save_for_backward(hidden, weight, targets, lse, unit if store_grad else lse.new_empty(0))
+        ctx.mark_non_differentiable(entropies)
+        return logps, entropies
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        hidden, weight, targets, lse, unit = ctx.saved_tensors
+        if ctx.store_grad:
+            return (grad[:, None] * unit.float()).to(hidden.dtype), None, None, None, None
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, len(targets), _LossTokenLogps.CHUNK):
+            part = slice(s, s + _LossTokenLogps.CHUNK)
+            h = hidden[part].to(ctx.dtype)
+            logits = (h @ w.T).float() / ctx.temperature
+            # d log p[target] / d logits = onehot(target) - softmax, times the incoming gradient
+            d = -(logits - lse[part, None]).exp() * grad[part, None]
+            d[torch.arange(len(d), device=d.device), targets[part]] += grad[part]
+            d = (d / ctx.temperature).to(ctx.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = (d @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (d.T @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None, None

@@ -22,6 +22,8 @@ class Group:
     margin: float | None = None
     scores: list[float] | None = None
     record_index: int = 0
+    source: str = ""  # the data.train / data.dev source it came from (mixtures)
+    weight: float = 1.0  # its weight in the loss (loss.length_balance), mean 1 per source
     # Filled by tokenize_groups: one token-id list (and segment-id list) per reply.
     input_ids: list[list[int]] = field(default_factory=list)
     token_type_ids: list[list[int]] | None = None
@@ -120,7 +122,7 @@ def collate(groups: list[Group], pad_token_id: int) -> dict:
     """Pad the replies of a batch of groups into tensors (right padding).
 
     Returns input_ids / attention_mask (and token_type_ids) of shape (sum K, T), ranks (sum K,),
-    group_sizes (list), margins (G,) or None, scores (sum K,) or None.
+    group_sizes (list), margins (G,) or None, scores (sum K,) or None, weights (G,).
     """
     import torch  # here: the rest of chatrlhf.data, grouping included, runs without torch
 
@@ -143,4 +145,5 @@ def collate(groups: list[Group], pad_token_id: int) -> dict:
     batch["margins"] = torch.tensor([g.margin or 0.0 for g in groups]) if has_margin else None
     has_scores = all(g.scores is not None for g in groups)
     batch["scores"] = torch.tensor([s for g in groups for s in g.scores]) if has_scores else None
+    batch["weights"] = torch.tensor([g.weight for g in groups], dtype=torch.float32)
     return batch

@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import losses, metrics, models, policy, training
+from chatrlhf import losses, metrics, models, policy, sharing, training
 from chatrlhf.config import DPOConfig, DPOLossConfig
-from chatrlhf.data import load
+from chatrlhf.data import mixture
 from chatrlhf.data.batching import Group, to_groups
 from chatrlhf.recipes.sft import epoch_batches
 from chatrlhf.training import CHECKPOINTS
@@ -59,10 +59,8 @@ class Item:
 def load_items(path: str, config: DPOConfig, tokenizer, training_file: bool, log=print) -> list[Item]:
     """Read, group, filter and encode one file, reporting everything dropped or cut."""
     data, loss = config.data, config.loss
-    loaded = load(path, reader=data.reader, fields=data.fields or None, skip_invalid=data.skip_invalid,
-                  nan_as_missing=data.nan_as_missing, allow_empty=data.allow_empty, **data.options)
-    log(loaded.summary())
-    records = loaded.records
+    # One file, or a mixture of sources with their own options, cuts and weights (data/mixture.py).
+    records = mixture.load_mixture(path, data, "train" if training_file else "dev", config.train.seed, log=log).units
     if training_file and data.limit and data.limit < len(records):
         log(f"{path}: using the first {data.limit} of {len(records)} records (data.limit)")
         records = records[:data.limit]
@@ -80,63 +78,45 @@ def load_items(path: str, config: DPOConfig, tokenizer, training_file: bool, log
             log(f"{path}: {len(tied)} groups with tied replies use the Breslow tie model")
     if not groups:
         raise ValueError(f"{path}: no usable pairs or rankings")
-    items = [Item(g, [policy.encode_prompt_response(tokenizer, g.prompt, reply, config.model.max_length,
-                                                    config.model.max_reply_tokens) for reply in g.replies])
-             for g in groups]
+    items = [Item(g, policy.encode_group(tokenizer, g.prompt, g.replies, config.model.max_length,
+                                         config.model.max_reply_tokens)) for g in groups]
     cut = sum(e.cut for item in items for e in item.encoded)
     log(f"{path}: {len(items)} groups, {sum(len(i.encoded) for i in items)} replies; {cut} cut to "
-        f"model.max_length={config.model.max_length} (prompt cut from the left, none dropped)")
+        f"model.max_length={config.model.max_length} (a group's prompt cut alike from the left, none dropped)")
     return items
 
 
 # ---- log-probabilities ----------------------------------------------------------------------
 
-def reply_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
-    """(B,) summed (or mean) log-probabilities of the reply tokens, as ``policy.sequence_logps``,
-    but the output layer runs on the reply positions only.
-
-    On a small-vocabulary model the (B, T, V) logits are a large part of the cost (SmolLM2:
-    49k words, a fifth of the multiply-adds and most of the memory traffic), and the prompt's
-    positions are thrown away. Assumes logits = lm_head(last hidden state), true of Llama-like
-    models; models with a logit soft-cap use the plain path.
-    """
-    if getattr(training.inner(model).config, "final_logit_softcapping", None):
-        return policy.sequence_logps(model, batch, average)
-    # Through the wrapper's forward: DDP synchronises the gradients, FSDP gathers the weights.
-    return training.call_through(model, lambda inner: _reply_logps(inner, batch, average))
-
-
-def _reply_logps(model, batch: dict, average: bool) -> torch.Tensor:
-    training.took("reply-only output layer")
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
-    rows, positions = targets.nonzero(as_tuple=True)
-    logits = base.get_output_embeddings()(hidden[rows, positions]).float()
-    token = logits.gather(-1, batch["input_ids"][rows, positions + 1, None])[:, 0] - logits.logsumexp(-1)
-    total = torch.zeros(len(batch["input_ids"]), dtype=token.dtype, device=token.device).index_add(0, rows, token)
-    return total / targets.sum(-1).clamp(min=1) if average else total
-
-
-def batch_logps(model, encoded: list[policy.Encoded], pad_token_id: int, device, average: bool) -> torch.Tensor:
-    """(N,) log-probabilities of the replies of ``encoded`` (sum, or mean per token)."""
-    batch = {k: v.to(device) for k, v in policy.collate_lm(encoded, pad_token_id).items()}
-    return reply_logps(model, batch, average)
+def item_logps(model, items: list[Item], average: bool, tokens_per_forward: int) -> torch.Tensor:
+    """(sum K,) the summed (or per-token mean) log-probabilities of the items' replies, each
+    group's prompt computed once and the output layer at reply tokens only
+    (``sharing.policy_logps``, the forward SFT and GRPO use too)."""
+    encoded = [e for item in items for e in item.encoded]
+    logps = sharing.policy_logps(model, [e.input_ids for e in encoded], [e.prompt_tokens for e in encoded],
+                                 [len(item.encoded) for item in items], tokens_per_forward=tokens_per_forward)
+    return logps.means() if average else logps.sums()
 
 
 @torch.inference_mode()
-def score_items(model, items: list[Item], pad_token_id: int, device, average: bool, batch_size: int,
-                desc: str) -> list[list[float]]:
-    """Log-probabilities of every reply of every item, batched by similar length."""
+def score_items(model, items: list[Item], average: bool, batch_tokens: int, desc: str) -> list[list[float]]:
+    """Log-probabilities of every reply of every item, in batches of about ``batch_tokens``
+    tokens of groups of similar length."""
     model.eval()
-    flat = [(i, k, e) for i, item in enumerate(items) for k, e in enumerate(item.encoded)]
-    flat.sort(key=lambda x: len(x[2].input_ids))
-    out = [[0.0] * len(item.encoded) for item in items]
-    for start in tqdm(range(0, len(flat), batch_size), desc=desc, dynamic_ncols=True, leave=False):
-        chunk = flat[start:start + batch_size]
-        values = batch_logps(model, [e for _, _, e in chunk], pad_token_id, device, average).tolist()
-        for (i, k, _), value in zip(chunk, values):
-            out[i][k] = value
+    order = sorted(range(len(items)), key=lambda i: items[i].num_tokens)
+    batches, current, tokens = [], [], 0
+    for i in order:
+        if current and tokens + items[i].num_tokens > batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += items[i].num_tokens
+    batches += [current] if current else []
+    out: list[list[float]] = [[] for _ in items]
+    for batch in tqdm(batches, desc=desc, dynamic_ncols=True, leave=False):
+        values = iter(item_logps(model, [items[i] for i in batch], average, batch_tokens).tolist())
+        for i in batch:
+            out[i] = [next(values) for _ in items[i].encoded]
     return out
 
 
@@ -147,12 +127,10 @@ def reference_context(model):
 
 def cache_key(config: DPOConfig) -> str:
     """What the cached reference log-probabilities depend on: model, files, encoding, averaging."""
-    files = [config.data.train, config.data.dev or ""]
-    stamps = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) if f and Path(f).exists() else f
-              for f in files]
+    stamps = mixture.fingerprint(config.data, config.train.seed)  # every source, its settings and file
     parts = [models.resolve(config.model.name), stamps, config.model.max_length, config.model.max_reply_tokens,
              config.loss.average_logps, config.data.limit, config.data.fields, config.data.reader,
-             config.loss.type, config.loss.drop_ties]
+             config.loss.type, config.loss.drop_ties, __import__("chatrlhf").__version__]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -177,7 +155,7 @@ def attach_reference(run: "Run", fresh_start: bool) -> None:
             reference.to(engine.device)
             source = f"{config.model.name} loaded as a separate reference"
         engine.log(f"computing reference log-probabilities once, from {source}")
-        args = (run.tokenizer.pad_token_id, engine.device, config.loss.average_logps, config.train.eval_batch_size)
+        args = (config.loss.average_logps, config.train.eval_batch_tokens)
         with reference_context(training.inner(reference)):
             train_ref = engine.each_share(reference, run.train_items, lambda model, share: score_items(
                 model, share, *args, desc="reference (train)"))
@@ -225,6 +203,8 @@ def setup(config: DPOConfig) -> Run:
     resume_from = engine.start(train.resume, train.overwrite)
     model, tokenizer = policy.load_policy(str(resume_from) if resume_from else config.model.name,
                                           lora=config.model.lora(), dropout=config.model.dropout)
+    if train.gradient_checkpointing:
+        models.enable_checkpointing(model)
     train_items = load_items(config.data.train, config, tokenizer, True, log)
     dev_items = load_items(config.data.dev, config, tokenizer, False, log) if config.data.dev else []
     batches_per_epoch = math.ceil(len(train_items) / train.batch_size)
@@ -262,7 +242,7 @@ def preference_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, r
 def fit(run: Run) -> dict:
     """The training loop: gradient accumulation, clipping, logging, evaluation, checkpoints."""
     config, engine, model, train = run.config, run.engine, run.model, run.config.train
-    pad_id, beta = run.tokenizer.pad_token_id, config.loss.beta
+    beta = config.loss.beta
     cached: dict[int, list] = {}
     last_eval: dict = {}
     # No evaluation before the first step: the policy is then the reference, every implicit
@@ -283,10 +263,9 @@ def fit(run: Run) -> dict:
             # micro-batch's mean (Engine.share).
             mine, weight = engine.share(cached[epoch][position])
             items = [run.train_items[i] for i in mine]
-            encoded = [e for item in items for e in item.encoded]
             with engine.accumulate(model):
                 with engine.autocast():
-                    policy_logps = batch_logps(model, encoded, pad_id, engine.device, config.loss.average_logps)
+                    policy_logps = item_logps(model, items, config.loss.average_logps, train.tokens_per_forward)
                 reference_logps = torch.tensor([r for item in items for r in item.reference_logps], device=engine.device)
                 ranks = torch.tensor([k for item in items for k in item.group.ranks], device=engine.device)
                 sizes = [len(item.encoded) for item in items]
@@ -299,7 +278,7 @@ def fit(run: Run) -> dict:
             step_loss += loss.item() * weight / train.grad_accum
             if not weight:
                 continue
-            tokens += sum(len(e.input_ids) for e in encoded)
+            tokens += sum(item.num_tokens for item in items)
             rewards = (beta * (policy_logps.detach().float() - reference_logps)).tolist()
             start = 0
             for item, size in zip(items, sizes):
@@ -347,8 +326,7 @@ def fit(run: Run) -> dict:
 
 def implicit_rewards(run: Run, items: list[Item]) -> list[list[float]]:
     """beta * (log pi - log pi_ref) of every reply of every item."""
-    args = (run.tokenizer.pad_token_id, run.engine.device, run.config.loss.average_logps,
-            run.config.train.eval_batch_size)
+    args = (run.config.loss.average_logps, run.config.train.eval_batch_tokens)
     logps = run.engine.each_share(run.model, items, lambda model, share: score_items(
         model, share, *args, desc="implicit rewards"))
     beta = run.config.loss.beta

@@ -27,7 +27,8 @@ choice, but it may have another tokenizer, and PPO needs a value per policy toke
 from a saved chatrlhf reward model (the reply is decoded to text and re-tokenised with the reward
 model's own tokenizer, exactly as ``chatrlhf reward score`` does; on ``reward.device`` or the
 policy's), a ``chatrlhf serve`` server (``reward.url``), or a Python function
-``(prompts, replies) -> rewards`` (``reward.function`` "count:WORD", or ``train(config, reward_fn=...)``).
+``(prompts, replies) -> rewards`` (``reward.function`` "module:function", "file.py:function" or the
+built-in "count:WORD", as GRPO's ``reward.functions``; or ``train(config, reward_fn=...)``).
 
 Deliberate simplifications: log-probabilities are those of the temperature-scaled distribution
 (as TRL) but ignore the top-p truncation; one optimizer step per minibatch; held-out KL is the
@@ -78,8 +79,9 @@ class PolicyConfig:
 class RewardSourceConfig:
     model: str = option("", "a saved chatrlhf reward model folder (`chatrlhf reward train` output)")
     url: str | None = option(None, "score with a `chatrlhf serve` server at this URL instead")
-    function: str | None = option(None, "a rule instead of a model: 'count:WORD' = how often WORD "
-                                  "is a word of the reply (tests, debugging)")
+    function: str | None = option(None, "a Python reward function instead of a model: 'module:function' or "
+                                  "'file.py:function' taking (prompts, replies) -> list[float], or the "
+                                  "built-in 'count:WORD' = how often WORD is a word of the reply (tests)")
     max_length: int | None = option(None, "reward-model tokens per (prompt, reply); default: its training max_length")
     normalize: bool = option(True, "(score - mean) / std with the running moments of every score so far")
     clip: float | None = option(5.0, "clip the (normalised) score to [-clip, clip]; null: no clipping")
@@ -191,6 +193,44 @@ def load_critic(name: str, lora: dict | None) -> Critic:
     return Critic(backbone, backbone.config.hidden_size)
 
 
+# Built-in reward functions, by name: NAME:ARGUMENT -> (prompts, replies) -> rewards.
+BUILTIN_REWARDS = {
+    "count": lambda word: lambda prompts, replies: [float(reply.split().count(word)) for reply in replies],
+}
+
+
+def reward_function(spec: str, setting: str = "reward.function") -> RewardFn:
+    """A reward function from its name, as PPO's ``reward.function`` and GRPO's
+    ``reward.functions`` take it: a built-in ``NAME:ARGUMENT`` (``count:WORD``), or
+    ``module:function`` (importable) or ``path/to/file.py:function``, the function taking
+    ``(prompts, replies)`` (N prompts, text or chat messages, and N reply texts) and returning N
+    floats, as TRL's ``reward_funcs`` and OpenRLHF's ``--remote_rm_url`` files do."""
+    import importlib
+    import importlib.util
+
+    module_name, _, name = spec.rpartition(":")
+    if module_name in BUILTIN_REWARDS and name:
+        return BUILTIN_REWARDS[module_name](name)
+    if not module_name or not name:
+        raise ValueError(f"{setting}: expected 'module:function', 'file.py:function' or a built-in "
+                         f"({', '.join(f'{k}:WORD' for k in BUILTIN_REWARDS)}), found {spec!r}")
+    if module_name.endswith(".py"):
+        if not Path(module_name).exists():
+            raise FileNotFoundError(f"{setting}: no file {module_name}")
+        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"{setting}: cannot import {module_name!r} ({error})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{setting}: {module_name} has no function {name!r}")
+    return function
+
+
 def reward_scorer(config: RewardSourceConfig, reward_fn: RewardFn | None, device: torch.device,
                   log=print) -> RewardFn:
     """(prompts, replies) -> scores, from whichever source the config (or the caller) names; a
@@ -202,10 +242,7 @@ def reward_scorer(config: RewardSourceConfig, reward_fn: RewardFn | None, device
     if reward_fn:
         return reward_fn
     if config.function:
-        kind, _, word = config.function.partition(":")
-        if kind != "count" or not word:
-            raise ValueError(f"reward.function: expected 'count:WORD', found {config.function!r}")
-        return lambda prompts, replies: [float(reply.split().count(word)) for reply in replies]
+        return reward_function(config.function)
     if config.url:
         from chatrlhf.client import RewardClient
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from chatrlhf import config as cfg_lib
 from chatrlhf import encoders, losses, metrics, models, sharing, training
 from chatrlhf.config import RewardConfig
-from chatrlhf.data import load
+from chatrlhf.data import load, mixture
 from chatrlhf.data.batching import Group, bucketed_batches, collate, to_groups, tokenize_groups
 from chatrlhf.data.records import Pair, ScoredSample, kind_of
 
@@ -49,33 +49,56 @@ class Run:
     total_steps: int
     batches_per_epoch: int
     start_step: int = 0
+    tie_log_nu: torch.nn.Parameter | None = None  # loss.tie_nu=learn, on data with ties
 
 
 # ---- data -----------------------------------------------------------------------------------
 
-def load_groups(path: str, config: RewardConfig, tokenizer, limit: int | None = None,
-                log=print) -> list[Group]:
-    """Read, validate, group and tokenise one file, reporting everything skipped or cut."""
-    data = config.data
-    loaded = load(path, reader=data.reader, fields=data.fields or None, skip_invalid=data.skip_invalid,
-                  nan_as_missing=data.nan_as_missing, allow_empty=data.allow_empty, **data.options)
-    log(loaded.summary())
-    records = loaded.records[:limit] if limit else loaded.records
-    if limit and limit < len(loaded.records):
-        log(f"{path}: using the first {limit} of {len(loaded.records)} records (data.limit)")
-    groups = to_groups(records, config.loss.objective)
+def load_groups(spec, config: RewardConfig, tokenizer, limit: int | None = None, log=print,
+                section: str = "train", account: dict | None = None) -> list[Group]:
+    """Read, validate, group and tokenise data.train or data.dev (one file or a mixture of
+    sources, data/mixture.py), reporting everything skipped or cut, per source (also into
+    ``account``: cut replies per source)."""
+    objective = config.loss.objective
+    mix = mixture.load_mixture(spec, config.data, section, config.train.seed,
+                               "keep" if objective == "regression" else "rank", log)
+    name = spec if isinstance(spec, str) else f"data.{section}"
+    records, source_of = mix.units, mix.source_of
+    if limit and limit < len(records):
+        log(f"{name}: using the first {limit} of {len(records)} records (data.limit)")
+        records, source_of = records[:limit], source_of[:limit]
+    groups = to_groups(records, objective)
+    for group in groups:
+        group.source = mix.names[source_of[group.record_index]]
+    if len(mix.sources) > 1:  # listed (and reported) source by source, in the preset's order
+        groups.sort(key=lambda g: source_of[g.record_index])
     if config.loss.drop_ties:
         kept = [g for g in groups if not (len(g.ranks) == 2 and g.ranks[0] == g.ranks[1])]
-        log(f"{path}: dropped {len(groups) - len(kept)} tied pairs (loss.drop_ties)")
+        log(f"{name}: dropped {len(groups) - len(kept)} tied pairs (loss.drop_ties)")
         groups = kept
     if not groups:
-        raise ValueError(f"{path}: no usable groups for objective '{config.loss.objective}'")
-    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens,
-                          same_prompt=True)
+        raise ValueError(f"{name}: no usable groups for objective '{objective}'")
+    by_source: dict[str, list[Group]] = {}
+    for group in groups:
+        by_source.setdefault(group.source, []).append(group)
+    cut_by_source = {source: tokenize_groups(mine, tokenizer, config.model.max_length,
+                                             config.model.max_reply_tokens, same_prompt=True)
+                     for source, mine in by_source.items()}
+    cut = sum(cut_by_source.values())
+    if account is not None:
+        account.update(cut_by_source)
     replies = sum(len(g.replies) for g in groups)
-    log(f"{path}: {len(groups)} groups, {replies} replies; {cut} cut to model.max_length="
+    log(f"{name}: {len(groups)} groups, {replies} replies; {cut} cut to model.max_length="
         f"{config.model.max_length} (prompt cut from the left, the same for a group's replies; "
         "none dropped)")
+    if len(mix.sources) > 1:
+        for entry in mix.summary:
+            mine = by_source.get(entry["name"], [])
+            log(f"data.{section} source {entry['name']}: {len(mine)} groups, "
+                f"{sum(len(g.replies) for g in mine)} replies, {cut_by_source.get(entry['name'], 0)} "
+                f"cut, {entry['skipped']} skipped")
+    if section == "train" and config.loss.length_balance:
+        balance_lengths(groups, log)
     return groups
 
 
@@ -103,21 +126,78 @@ def setup(config: RewardConfig) -> Run:
         models.enable_checkpointing(model)
 
     train_groups = load_groups(config.data.train, config, tokenizer, config.data.limit, log)
-    dev_groups = load_groups(config.data.dev, config, tokenizer, log=log) if config.data.dev else []
+    dev_groups = load_groups(config.data.dev, config, tokenizer, log=log, section="dev") if config.data.dev else []
 
     batches_per_epoch = math.ceil(len(train_groups) / train.batch_size)
     total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
     optimizer, scheduler = training.optimizer_and_scheduler(
         model, train.lr, train.weight_decay, train.schedule, train.warmup_ratio, total_steps)
+    tie_log_nu = learned_tie_parameter(config, train_groups, engine, optimizer, log)
+    if tie_log_nu is not None:  # one schedule per parameter group: the model's, and a constant one
+        warmup = int(train.warmup_ratio * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [training.lr_lambda(train.schedule, warmup, total_steps), lambda step: 1.0])
     model, optimizer = engine.prepare(model, optimizer)
     run = Run(config, engine, model, tokenizer, train_groups, dev_groups, optimizer, scheduler,
-              total_steps, batches_per_epoch)
+              total_steps, batches_per_epoch, tie_log_nu=tie_log_nu)
     if resume_from:
-        run.start_step = engine.restore(resume_from, model, optimizer, scheduler)["step"]
+        state = engine.restore(resume_from, model, optimizer, scheduler)
+        run.start_step = state["step"]
+        if tie_log_nu is not None and "tie_log_nu" in state:
+            with torch.no_grad():
+                tie_log_nu.copy_(state["tie_log_nu"])
         log(f"resumed from {resume_from} at step {run.start_step} of {total_steps}")
     if train.log_with:
         engine.accelerator.init_trackers("reward", config=cfg_lib.flat_dict(config))
     return run
+
+
+# The learned log nu is one number: at the model's learning rate (1e-4 and below) Adam would move
+# it by about 0.01 per hundred steps, so it gets its own, constant rate (no warmup or decay).
+TIE_LR = 0.02
+
+
+def learned_tie_parameter(config: RewardConfig, groups: list[Group], engine, optimizer, log):
+    """log nu as a parameter of its own optimizer group (loss.tie_nu=learn), or None."""
+    if config.loss.tie_nu != "learn":
+        return None
+    if not any(len(set(g.ranks)) < len(g.ranks) for g in groups):
+        log("loss.tie_nu=learn: the training data has no ties; it trains plain Bradley-Terry")
+        return None
+    if engine.sharded:
+        raise ValueError("loss.tie_nu=learn is not supported under DeepSpeed or FSDP yet; give a number")
+    log_nu = torch.nn.Parameter(torch.zeros((), device=engine.device))
+    optimizer.add_param_group({"params": [log_nu], "lr": TIE_LR, "weight_decay": 0.0})
+    log(f"loss.tie_nu=learn: nu starts at 1 and is fitted (Adam, lr {TIE_LR})")
+    return log_nu
+
+
+def balance_lengths(groups: list[Group], log=print) -> None:
+    """Weigh groups so that, within each source, "the longer reply wins" holds in half the
+    (weighted) pairs (length balancing, Singhal et al. 2023, arXiv 2310.03716).
+
+    A group's share L of its strict pairs won by the longer reply (in characters; equal lengths
+    count 1/2) and its source's mean m give the weight L / (2m) + (1 - L) / (2 (1 - m)): weights
+    average 1 within each source, and a model cannot lower the weighted loss by preferring length.
+    """
+    longer: dict[int, float] = {}
+    for index, group in enumerate(groups):
+        lengths = [len(reply) for reply in group.replies]
+        wins = [(lengths[i] > lengths[j]) + 0.5 * (lengths[i] == lengths[j])
+                for i in range(len(lengths)) for j in range(len(lengths)) if group.ranks[i] < group.ranks[j]]
+        longer[index] = statistics.fmean(wins) if wins else 0.5
+    for source in dict.fromkeys(g.source for g in groups):
+        mine = [i for i, g in enumerate(groups) if g.source == source]
+        m = statistics.fmean(longer[i] for i in mine)
+        if not 0 < m < 1:
+            log(f"loss.length_balance: {source or 'data.train'}: the longer reply wins in {m:.0%} of "
+                "its pairs; nothing to balance")
+            continue
+        for i in mine:
+            groups[i].weight = longer[i] / (2 * m) + (1 - longer[i]) / (2 * (1 - m))
+        top = max(groups[i].weight for i in mine)
+        log(f"loss.length_balance: {source or 'data.train'}: the longer reply wins in {m:.1%} of its "
+            f"pairs; group weights {min(groups[i].weight for i in mine):.2f} to {top:.2f}")
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -150,14 +230,17 @@ def forward_rewards(model, batch: dict, share_prompt: bool = False, pad_id: int 
     return torch.cat(pieces)[order.argsort()]
 
 
-def group_loss(rewards: torch.Tensor, batch: dict, config: RewardConfig, tie_nu: float) -> torch.Tensor:
-    """Mean loss over the batch's groups, plus the centering term."""
+def group_loss(rewards: torch.Tensor, batch: dict, config: RewardConfig,
+               tie_nu: float | torch.Tensor) -> torch.Tensor:
+    """Mean loss over the batch's groups (weighted by loss.length_balance), plus the centering term."""
     loss_cfg = config.loss
     if loss_cfg.objective == "regression":
         per_group = losses.score_regression_loss(rewards, batch["scores"])
     else:
         margins = batch["margins"] if loss_cfg.use_margin else None
         per_group = losses.ranking_loss(rewards, batch["ranks"], batch["group_sizes"], margins, tie_nu)
+        if loss_cfg.length_balance:
+            per_group = per_group * batch["weights"]
     loss = per_group.mean()
     if loss_cfg.centering:
         loss = loss + losses.centering_loss(rewards, batch["group_sizes"], loss_cfg.centering).mean()
@@ -178,7 +261,7 @@ def fit(run: Run) -> dict:
     train = config.train
     has_ties = any(len(set(g.ranks)) < len(g.ranks) for g in run.train_groups)
     # Data without ties trains plain Bradley-Terry (Davidson with nu = 0), see losses.py.
-    tie_nu = config.loss.tie_nu if has_ties else 0.0
+    tie_nu = config.loss.tie_nu if has_ties and run.tie_log_nu is None else 0.0
     pad_id = run.tokenizer.pad_token_id
     epoch_batches: dict[int, list[list[int]]] = {}
     recent_loss, recent_correct, recent_total = [], 0, 0
@@ -204,7 +287,8 @@ def fit(run: Run) -> dict:
             with engine.accumulate(model):
                 with engine.autocast():
                     rewards = forward_rewards(model, batch, train.share_prompt, pad_id, train.rows_per_forward)
-                loss = group_loss(rewards, batch, config, tie_nu)
+                nu = run.tie_log_nu.exp() if run.tie_log_nu is not None else tie_nu
+                loss = group_loss(rewards, batch, config, nu)
                 if not torch.isfinite(rewards).all():
                     raise non_finite("reward", rewards.tolist(), step, groups, run)
                 if not torch.isfinite(loss):
@@ -216,6 +300,9 @@ def fit(run: Run) -> dict:
                 for r, g in zip(split_rewards(rewards.tolist(), batch["group_sizes"]), groups):
                     c, w, _ = metrics.pairwise_outcomes(r, g.ranks)
                     recent_correct, recent_total = recent_correct + c, recent_total + c + w
+        if run.tie_log_nu is not None and run.tie_log_nu.grad is not None and engine.num_processes > 1:
+            # Not a model weight, so DDP does not average its gradient: do it here.
+            run.tie_log_nu.grad = engine.accelerator.reduce(run.tie_log_nu.grad, "mean")
         try:
             grad_norm = engine.step(model, run.optimizer, run.scheduler, step)
         except FloatingPointError:
@@ -229,6 +316,8 @@ def fit(run: Run) -> dict:
         entry = {"step": step + 1, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
                  "grad_norm": grad_norm, "seconds": seconds, "tokens": tokens, "pairs": step_pairs,
                  "tokens_per_s": tokens / seconds}
+        if run.tie_log_nu is not None:
+            entry["tie_nu"] = float(run.tie_log_nu.detach().exp())
         if step == run.start_step:  # which fast paths this launch config got
             entry["paths"] = training.fast_paths()
             engine.log(f"forward: {', '.join(entry['paths'])} ({engine.describe()})")
@@ -314,10 +403,28 @@ def evaluate(run: Run) -> dict:
     pad_id, budget = run.tokenizer.pad_token_id, run.config.train.eval_batch_tokens
     rewards = run.engine.each_share(run.model, run.dev_groups,
                                     lambda model, groups: score_groups(model, groups, pad_id, budget))
-    result = metrics.summarize(rewards, [g.ranks for g in run.dev_groups])
+    result = summarize_sources(rewards, run.dev_groups)
     flat = [r for group in rewards for r in group]
     result["reward_mean"] = statistics.fmean(flat)
     result["reward_std"] = statistics.pstdev(flat)
+    if run.tie_log_nu is not None:
+        result["tie_nu"] = float(run.tie_log_nu.detach().exp())
+    return result
+
+
+def summarize_sources(rewards: list[list[float]], groups: list[Group]) -> dict:
+    """metrics.summarize over all groups; with several sources also each source's
+    (``sources``) and the mean of their accuracies (``source_mean_accuracy``): the pooled
+    accuracy weighs a source by its number of pairs, the mean weighs each source the same."""
+    result = metrics.summarize(rewards, [g.ranks for g in groups])
+    names = list(dict.fromkeys(g.source for g in groups))
+    if len(names) > 1:
+        result["sources"] = {}
+        for name in names:
+            mine = [i for i, g in enumerate(groups) if g.source == name]
+            result["sources"][name] = metrics.summarize([rewards[i] for i in mine], [groups[i].ranks for i in mine])
+        result["source_mean_accuracy"] = statistics.fmean(
+            s["accuracy"] for s in result["sources"].values() if not math.isnan(s["accuracy"]))
     return result
 
 
@@ -339,20 +446,26 @@ def metadata(config: RewardConfig, result: dict | None = None) -> dict:
 
 def save_checkpoint(run: Run, step: int) -> None:
     """Model (HF format; LoRA: adapter and head) and training state, written whole or not at all."""
+    extra = {"tie_log_nu": run.tie_log_nu.detach().cpu()} if run.tie_log_nu is not None else {}
     run.engine.save_checkpoint(step, run.model, run.tokenizer, metadata(run.config), run.optimizer,
-                               run.scheduler, run.config.train.keep_checkpoints)
+                               run.scheduler, run.config.train.keep_checkpoints, **extra)
 
 
 def train(config: RewardConfig) -> dict:
     """setup -> fit -> evaluate -> save; returns the final dev metrics (empty without dev data)."""
     run = setup(config)
     result = fit(run) if run.start_step < run.total_steps else (evaluate(run) if run.dev_groups else {})
-    folder = run.engine.save_final(run.model, run.tokenizer, metadata(config, result))
+    info = metadata(config, result)
+    if run.tie_log_nu is not None:
+        info["tie_nu"] = float(run.tie_log_nu.detach().exp())
+    folder = run.engine.save_final(run.model, run.tokenizer, info)
     run.engine.end()
     if run.engine.is_main:
         print(f"saved reward model to {folder}")
         if result:
             print(format_metrics(result, "dev"))
+            if "tie_nu" in result:
+                print(f"learned tie parameter nu = {result['tie_nu']:.4f}")
     return result
 
 
@@ -363,7 +476,12 @@ def format_metrics(result: dict, name: str) -> str:
     if "best_vs_worst_accuracy" in result:
         parts.append(f"best-vs-worst {result['best_vs_worst_accuracy']:.4f}")
         parts.append(f"mean Kendall tau {result['mean_kendall_tau']:.4f}")
-    return "; ".join(parts)
+    lines = ["; ".join(parts)]
+    for source, figures in result.get("sources", {}).items():
+        lines.append(f"  {format_metrics(figures, source)}")
+    if "source_mean_accuracy" in result:
+        lines.append(f"  mean over {len(result['sources'])} sources: accuracy {result['source_mean_accuracy']:.4f}")
+    return "\n".join(lines)
 
 
 # ---- score / eval commands ------------------------------------------------------------------
@@ -411,15 +529,35 @@ def score_command(args) -> int:
     return 0
 
 
+def preset_dev_groups(args) -> tuple:
+    """A preset's data.dev (one file or a mixture, each source with its own options and cut),
+    read and cut as the training run read it, for ``reward eval MODEL preset.yaml``."""
+    model, tokenizer = models.load_reward_model(args.model)
+    info = models.read_metadata(models.resolve(args.model))
+    config = cfg_lib.load(RewardConfig, args.file)
+    if not config.data.dev:
+        raise ValueError(f"{args.file}: no data.dev to evaluate on")
+    config.model.max_length = args.max_length or info.get("max_length", config.model.max_length)
+    config.model.max_reply_tokens = info.get("max_reply_tokens", config.model.max_reply_tokens)
+    config.loss.objective = "comparisons"
+    cut: dict = {}
+    groups = load_groups(config.data.dev, config, tokenizer, log=lambda *a: print(*a, file=sys.stderr),
+                         section="dev", account=cut)
+    return model, tokenizer, info, groups, sum(cut.values())
+
+
 def eval_command(args) -> int:
-    model, tokenizer, info, config, records = load_for_scoring(args.model, args.file, args)
-    groups = to_groups(records, "comparisons")
-    # Cut as in training (the replies of a group on the same prompt tokens): the accuracy
-    # equals the dev accuracy the training run reported.
-    cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens,
-                          same_prompt=True)
+    if args.file.endswith((".yaml", ".yml")):
+        model, tokenizer, info, groups, cut = preset_dev_groups(args)
+    else:
+        model, tokenizer, info, config, records = load_for_scoring(args.model, args.file, args)
+        groups = to_groups(records, "comparisons")
+        # Cut as in training (the replies of a group on the same prompt tokens): the accuracy
+        # equals the dev accuracy the training run reported.
+        cut = tokenize_groups(groups, tokenizer, config.model.max_length, config.model.max_reply_tokens,
+                              same_prompt=True)
     rewards = score_groups(model, groups, tokenizer.pad_token_id, args.batch_tokens, progress=True)
-    result = metrics.summarize(rewards, [g.ranks for g in groups])
+    result = summarize_sources(rewards, groups)
     result["cut_replies"] = cut
     print(format_metrics(result, Path(args.file).name))
     if args.report:

@@ -10,10 +10,12 @@ prompt; earlier assistant turns are context and carry no loss, a deliberate simp
 The prompt is rendered with the tokenizer's chat template (policy.py) and carries no loss: the
 loss is the mean negative log-likelihood of the reply tokens, end-of-turn marker included.
 
-Packing (``data.packing=true``) puts several examples in one row of up to model.max_length
-tokens; each keeps its own positions and a block-diagonal causal mask, so no token attends
-across examples and the loss is the one unpacked rows give. Steps: setup -> fit -> evaluate ->
-save, in plain sight below.
+Every forward is ``sharing.policy_logps``: on CPU a batch's examples go one after another in
+one row without padding, each attending to itself only; elsewhere they are packed into rows with
+a block-diagonal causal mask. The output layer runs at reply tokens only, in chunks, so the
+(tokens x vocabulary) logits are never held whole. ``data.packing=true`` makes batches of rows
+filled up to model.max_length tokens instead of ``train.batch_size`` examples; the loss is the
+same. Steps: setup -> fit -> evaluate -> save, in plain sight below.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from chatrlhf import config as cfg_lib
 from chatrlhf import models, policy, sharing, training
 from chatrlhf.config import ModelConfig, SFTConfig, SFTDataConfig
-from chatrlhf.data import load
+from chatrlhf.data import load, mixture
 from chatrlhf.data.records import Pair, Ranking
 from chatrlhf.training import CHECKPOINTS
 
@@ -107,8 +109,13 @@ def read_sft(path: str, allow_empty: bool = False) -> list[tuple[object, str]]:
     return examples
 
 
-def read_examples(path: str, data: SFTDataConfig, log=print) -> list[tuple[object, str]]:
-    """(prompt, reply) pairs to imitate, from an SFT file or a preference file."""
+def read_examples(path: str | list, data: SFTDataConfig, log=print, section: str = "train",
+                  seed: int = 42) -> list[tuple[object, str]]:
+    """(prompt, reply) pairs to imitate, from an SFT file or a preference file, or a mixture of
+    such sources (data/mixture.py: each read here with its own options, cut and weighted)."""
+    if mixture.is_mixture(path):
+        return mixture.mix(path, data, section, seed, lambda source: (mixture.cut(
+            read_examples(source.path, source, log), source, lambda e: e[0], log), 0), log).units
     if data.reader == "sft" or (data.reader == "auto" and is_sft_file(path)):
         examples = read_sft(path, data.allow_empty)
         log(f"{path}: {len(examples)} SFT examples")
@@ -176,60 +183,18 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
     return batches
 
 
-def collate_rows(rows: list[list[Example]], pad_token_id: int) -> dict:
-    """(R, T) input_ids / position_ids / loss_mask and a (R, 1, T, T) bool attention mask in which
-    each example sees only itself, causally; pads form their own block (never a fully masked row,
-    which would give NaN). ``forward`` makes it the model's mask (``sharing.layer_masks``)."""
-    width = max(sum(e.num_tokens for e in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, row in enumerate(rows):
-        start = 0
-        for s, e in enumerate(row):
-            end = start + e.num_tokens
-            input_ids[r, start:end] = torch.tensor(e.input_ids)
-            position_ids[r, start:end] = torch.arange(e.num_tokens)
-            segment[r, start:end] = s
-            loss_mask[r, start + max(e.prompt_tokens, 1):end] = True  # a row's first token has no target
-            start = end
-        position_ids[r, start:] = torch.arange(width - start)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (segment[:, :, None] == segment[:, None, :])
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
-            "loss_mask": loss_mask}
-
-
-def make_batch(rows: list[list[Example]], pad_token_id: int, packing: bool) -> dict:
-    if packing:
-        return collate_rows(rows, pad_token_id)
-    return policy.collate_lm([row[0] for row in rows], pad_token_id)
-
-
 # ---- loss -----------------------------------------------------------------------------------
 
-def response_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed negative log-likelihood of the reply tokens and their count.
+def reply_nll(model, examples: list[Example], tokens_per_forward: int) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the examples' reply tokens, and their count.
 
-    Args:
-        logits: (B, T, V); labels: (B, T) token ids, position t predicted from < t;
-        loss_mask: (B, T) True on reply tokens. Prompt and padding positions add nothing.
-    Returns:
-        (scalar sum of -log p over masked tokens, number of masked tokens).
-    """
-    mask = loss_mask[:, 1:]
-    per_token = -policy.token_logps(logits, labels)
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum(), int(mask.sum())
-
-
-def forward(model, batch: dict) -> torch.Tensor:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if inputs["attention_mask"].dim() == 4:  # packed rows: the window of sliding-window layers added
-        config = getattr(model, "module", model).config
-        inputs["attention_mask"] = sharing.layer_masks(config, batch["attention_mask"], batch["position_ids"],
-                                                       torch.float32)
-    return model(**inputs).logits
+    Through ``sharing.policy_logps``: each example attends to itself only, examples one after
+    another in a row without padding where the model allows (CPU), else packed into masked rows;
+    the output layer runs at reply tokens only, in chunks, so the (tokens x vocabulary) logits are
+    never held whole. Prompt tokens carry no loss."""
+    logps = sharing.policy_logps(model, [e.input_ids for e in examples], [e.prompt_tokens for e in examples],
+                                 tokens_per_forward=tokens_per_forward)
+    return -logps.values.sum(), len(logps.values)
 
 
 # ---- setup / fit / evaluate / save -----------------------------------------------------------
@@ -262,16 +227,18 @@ def setup(config: SFTConfig) -> Run:
     resume_from = engine.start(train.resume, train.overwrite)
     model, tokenizer = policy.load_policy(str(resume_from) if resume_from else config.model.name,
                                           lora=config.model.lora(), dropout=config.model.dropout)
+    if train.gradient_checkpointing:
+        models.enable_checkpointing(model)
     if config.data.packing and (unmasked := sharing.unmasked_layers(model.config)):
         raise ValueError(f"data.packing=true needs a model whose layers all attend through a mask; "
                          f"{config.model.name} has {unmasked} layers, which ignore it, so packed "
                          f"examples would see each other: set data.packing=false")
-    examples = read_examples(config.data.train, config.data, log)
+    examples = read_examples(config.data.train, config.data, log, "train", train.seed)
     if config.data.limit and config.data.limit < len(examples):
         log(f"{config.data.train}: using the first {config.data.limit} of {len(examples)} examples (data.limit)")
         examples = examples[:config.data.limit]
     train_examples = encode_examples(examples, tokenizer, config.model, config.data.train, log)
-    dev_examples = (encode_examples(read_examples(config.data.dev, config.data, log), tokenizer, config.model,
+    dev_examples = (encode_examples(read_examples(config.data.dev, config.data, log, "dev"), tokenizer, config.model,
                                     config.data.dev, log) if config.data.dev else [])
     batches = epoch_batches(train_examples, train.batch_size, train.seed, 0, config.data.packing,
                             config.model.max_length)
@@ -299,7 +266,6 @@ def fit(run: Run) -> dict:
     micro-batches and processes together (as transformers >= 4.46): a micro-batch of long
     replies weighs more than one of short replies, as it would in one big batch."""
     config, engine, model, train = run.config, run.engine, run.model, run.config.train
-    pad_id = run.tokenizer.pad_token_id
     cached: dict[int, list] = {}
     last_eval: dict = {}
     if run.dev_examples and run.start_step == 0:
@@ -321,11 +287,9 @@ def fit(run: Run) -> dict:
         step_nll, step_rows = 0.0, 0
         for rows in window:
             mine, weight = engine.share(rows)
-            batch = {k: v.to(engine.device) for k, v in make_batch(mine, pad_id, config.data.packing).items()}
             with engine.accumulate(model):
                 with engine.autocast():
-                    logits = forward(model, batch)
-                nll, count = response_nll(logits, batch["input_ids"], batch["loss_mask"])
+                    nll, count = reply_nll(model, [e for row in mine for e in row], train.tokens_per_forward)
                 if not torch.isfinite(nll):
                     records = [e.record_index for row in mine for e in row]
                     raise FloatingPointError(f"non-finite loss {nll.item()} at step {step + 1}, examples {records}; "
@@ -371,13 +335,9 @@ def evaluate(run: Run) -> dict:
     examples = sorted(run.dev_examples, key=lambda e: e.num_tokens)
     mine = examples if engine.sharded else engine.mine(examples)
     model = run.model if engine.sharded else engine.unwrap(run.model)
-    size = run.config.train.eval_batch_size
-    total, count = 0.0, 0
-    for start in range(0, len(mine), size):
-        batch = policy.collate_lm(mine[start:start + size], run.tokenizer.pad_token_id)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        nll, n = response_nll(forward(model, batch), batch["input_ids"], batch["loss_mask"])
-        total, count = total + nll.item(), count + n
+    # Forwards of about eval_batch_tokens tokens, examples of similar length together.
+    nll, count = reply_nll(model, mine, run.config.train.eval_batch_tokens) if mine else (torch.zeros(()), 0)
+    total = nll.item()
     if not engine.sharded:
         total, count = engine.reduce_sum(total), int(engine.reduce_sum(count))
     loss = total / max(count, 1)
