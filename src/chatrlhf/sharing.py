@@ -262,19 +262,11 @@ def attends_per_group(body, device, longest: int = 0) -> bool:
 
 def _grouped_rewards(base, body, prefixes: list[list[int]], suffixes: list[list[list[int]]], device) -> torch.Tensor:
     """Rewards of the groups packed one after another into one row, each attending on its own."""
-    ids, positions, reward_at = [], [], []
-    for prefix, replies in zip(prefixes, suffixes):
-        ids += prefix
-        positions += range(len(prefix))
-        for reply in replies:
-            ids += reply
-            positions += range(len(prefix), len(prefix) + len(reply))
-            reward_at.append(len(ids) - 1)
-    layout = [(len(prefix), [len(r) for r in replies]) for prefix, replies in zip(prefixes, suffixes)]
-    reward_at = torch.tensor(reward_at, device=device)
+    packed = _grouped_layout(prefixes, suffixes)
+    reward_at = torch.tensor([column for _, column in packed.reward_at], device=device)
     with _attention(body.config, GROUP_ATTENTION), _last_feed_forward_at(body, reward_at):
-        hidden = body(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                      use_cache=False, chatrlhf_groups=layout).last_hidden_state
+        hidden = body(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                      use_cache=False, chatrlhf_groups=packed.layout).last_hidden_state
     return base.score(hidden[0, reward_at])[:, 0].float()
 
 

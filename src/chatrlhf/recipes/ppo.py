@@ -62,17 +62,8 @@ RewardFn = Callable[[list, list[str]], list[float]]
 # ---- configuration --------------------------------------------------------------------------
 
 @dataclass
-class PolicyConfig:
-    name: str = option("smollm2-135m", "the policy: an embedded name, a hub id or a local folder")
-    max_prompt_tokens: int = option(256, "prompt tokens kept (cut from the left, oldest turns first)")
+class PolicyConfig(cfg_lib.RLPolicyConfig):
     lora_r: int = option(0, "LoRA rank for the policy and the critic; 0 trains every weight")
-    lora_alpha: int = option(16, "LoRA alpha")
-    lora_dropout: float = option(0.0, "LoRA dropout (0 keeps the rollout and update passes identical)")
-    lora_target_modules: str | list | None = option("all-linear", "LoRA target modules")
-
-    def lora(self) -> dict | None:
-        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-                "target_modules": self.lora_target_modules} if self.lora_r else None
 
 
 @dataclass
@@ -90,18 +81,7 @@ class RewardSourceConfig:
     device: str | None = option(None, "where the reward model runs, e.g. 'cuda:1'; default: the policy's device")
 
 
-@dataclass
-class PromptDataConfig:
-    train: str = option("", "prompts for rollouts: any preference file (the records' prompts are used, deduplicated)")
-    dev: str | None = option(None, "held-out prompts, evaluated every train.eval_every steps")
-    reader: str = option("auto", "reader name (see `chatrlhf data validate --help`)")
-    fields: dict = option({}, "field mapping canonical=column")
-    skip_invalid: bool = option(False, "skip invalid records (counted) instead of stopping")
-    allow_empty: bool = option(True, "accept records with empty replies (only their prompts are used)")
-    limit: int | None = option(None, "use only the first N distinct training prompts")
-    dev_limit: int | None = option(64, "held-out prompts evaluated (the first N distinct ones)")
-    long_prompts: Literal["cut", "drop"] = option("cut", "prompts over policy.max_prompt_tokens: cut "
-                                                  "from the left, or drop (both counted)")
+PromptDataConfig = cfg_lib.RLDataConfig  # the prompts, as GRPO reads them
 
 
 @dataclass
