@@ -355,21 +355,23 @@ def test_http_judge_retries_timeouts_and_500s_records_malformed_and_matches_loca
 
 def test_http_judge_resumes_from_the_cache_and_scores(server, tmp_path, monkeypatch):
     url, state = server
+    # Exact call counts: a generous timeout, so that a loaded CI machine does not cause retries.
+    slow_ok = ["judge.timeout=10"]
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     rows = separable_pairs(6, seed=4)
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "labels.jsonl"
     # An interrupted run is a cache holding part of the answers: here the first 2 records'.
-    assert cli.main(["label", f"data.file={data}", "data.limit=2", *http_overrides(url, out)]) == 0
+    assert cli.main(["label", f"data.file={data}", "data.limit=2", *http_overrides(url, out), *slow_ok]) == 0
     assert sum(state.calls.values()) == 4
-    assert cli.main(["label", f"data.file={data}", *http_overrides(url, out)]) == 0
+    assert cli.main(["label", f"data.file={data}", *http_overrides(url, out), *slow_ok]) == 0
     summary = json.loads((tmp_path / "labels.summary.json").read_text())
     assert summary["answered_from_cache"] == 4 and summary["asked_judge"] == 8
     assert sum(state.calls.values()) == 12 and max(state.calls.values()) == 1
 
     score_out = tmp_path / "scores.jsonl"
     assert cli.main(["label", f"data.file={data}", "judge.mode=score",
-                     *http_overrides(url, score_out, model="tiny-score")]) == 0
+                     *http_overrides(url, score_out, model="tiny-score"), *slow_ok]) == 0
     scored = load(score_out).records
     assert len(scored) == 12 and all(r.score in {0.0, 1.0, 2.0, 3.0, 4.0, 5.0} for r in scored)
     assert all(r.meta["judge"]["raw"].split()[0] in "012345" for r in scored)
