@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import running, separable_pairs, write_jsonl
 
-from chatrlhf import cli, models
+from chatrlhf import cli, models, sampling
 from chatrlhf import config as cfg_lib
 from chatrlhf.data.batching import Group, tokenize_groups
 from chatrlhf.policy import load_policy
@@ -128,7 +128,7 @@ def test_grad_accum_splits_a_minibatch_without_changing_the_update(tiny_llama, p
 
 def test_reply_mask_stops_at_the_first_stop_token():
     reply_ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [9, 9, 9, 3], [2, 2, 2, 2]])
-    mask, ended = ppo.reply_mask(reply_ids, [2, 3])
+    mask, ended = sampling.reply_mask(reply_ids, [2, 3])
     assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True, True]
 

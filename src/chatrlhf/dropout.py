@@ -26,13 +26,19 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
     """``F.dropout(x, p, training, inplace)``, with the CPU's random coins drawn as above."""
     if not training or p == 0 or p == 1 or x.device.type != "cpu" or x.numel() == 0:
         return F.dropout(x, p, training, inplace)
-    seed = int(torch.randint(2**63 - 1, ()))
-    words = np.random.SFC64(seed).random_raw((x.numel() + 1) // 2)  # uint64: two coins each
-    coins = torch.from_numpy(words.view(np.int32)[:x.numel()]).view(x.shape)
-    threshold = min(round(p * 2**32), 2**32 - 1) - 2**31  # coins below it drop their element
-    keep = torch.ge(coins, threshold, out=torch.empty(x.shape, dtype=x.dtype))
-    keep.mul_(1 / (1 - p))
+    keep = keep_mask(x.shape, p, x.dtype)
     return x.mul_(keep) if inplace else x * keep
+
+
+def keep_mask(shape: torch.Size, p: float, dtype=torch.float32) -> torch.Tensor:
+    """The CPU's dropout multipliers: 0 with probability p, else 1 / (1 - p), coins as above."""
+    seed = int(torch.randint(2**63 - 1, ()))
+    count = shape.numel()
+    words = np.random.SFC64(seed).random_raw((count + 1) // 2)  # uint64: two coins each
+    coins = torch.from_numpy(words.view(np.int32)[:count]).view(shape)
+    threshold = min(round(p * 2**32), 2**32 - 1) - 2**31  # coins below it drop their element
+    keep = torch.ge(coins, threshold, out=torch.empty(shape, dtype=dtype))
+    return keep.mul_(1 / (1 - p))
 
 
 class Dropout(torch.nn.Dropout):

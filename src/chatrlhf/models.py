@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from chatrlhf.dropout import use_fast_dropout
+from chatrlhf.lora import use_fused_lora
 
 METADATA_FILE = "chatrlhf.json"
 ADAPTER_DIR = "adapter"
@@ -109,7 +110,8 @@ def load_reward_model(name_or_path: str, lora: dict | None = None, dtype=torch.f
         dropout: False sets the backbone's dropout to 0 (LoRA's own dropout is kept).
     Returns:
         (model, tokenizer); with LoRA the model is a peft model whose head trains fully. Its
-        dropout layers draw their coins faster on CPU (``chatrlhf.dropout``).
+        dropout layers draw their coins faster on CPU (``chatrlhf.dropout``), and its LoRA layers
+        run fused there (``chatrlhf.lora``).
     """
     path = resolve(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
@@ -133,6 +135,7 @@ def load_reward_model(name_or_path: str, lora: dict | None = None, dtype=torch.f
         config = LoraConfig(task_type=TaskType.SEQ_CLS, **lora)
         model = get_peft_model(model, config)
     use_fast_dropout(model)
+    use_fused_lora(model)
     return model, tokenizer
 
 

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from chatrlhf import models
 from chatrlhf.data.records import Prompt
 from chatrlhf.dropout import use_fast_dropout
+from chatrlhf.lora import use_fused_lora
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -36,7 +37,8 @@ def load_policy(name_or_path: str, lora: dict | None = None, dtype=torch.float32
         dropout: False sets the model's dropout to 0 (LoRA's own dropout is kept).
     Returns:
         (model, tokenizer); the tokenizer has a pad token (EOS when it had none). The model's
-        dropout layers draw their coins faster on CPU (``chatrlhf.dropout``).
+        dropout layers draw their coins faster on CPU (``chatrlhf.dropout``), and its LoRA layers
+        run fused there (``chatrlhf.lora``).
     """
     path = models.resolve(name_or_path)
     tokenizer = models.load_tokenizer(name_or_path)
@@ -55,6 +57,7 @@ def load_policy(name_or_path: str, lora: dict | None = None, dtype=torch.float32
 
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **lora))
     use_fast_dropout(model)
+    use_fused_lora(model)
     return model, tokenizer
 
 

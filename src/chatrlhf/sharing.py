@@ -538,6 +538,11 @@ def _plain_logps(model, sequences, starts, temperature, entropy, device) -> Toke
                       torch.cat(entropies) if entropy else None)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in place, no pass at all at temperature 1."""
+    return logits if temperature == 1 else logits.div_(temperature)
+
+
 class _LossTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T / temperature)[target] per token, the logits computed
     ``CHUNK`` tokens at a time and never kept: the forward keeps each token's logsumexp, the
@@ -559,15 +564,18 @@ class _LossTokenLogps(torch.autograd.Function):
         unit = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if store_grad else None
         for s in range(0, len(targets), _LossTokenLogps.CHUNK):
             part = slice(s, s + _LossTokenLogps.CHUNK)
-            logits = (hidden[part].to(dtype) @ w.T).float() / temperature
-            lse[part] = logits.logsumexp(-1)
-            logps[part] = logits.gather(-1, targets[part, None])[:, 0] - lse[part]
-            if entropy or store_grad:
-                probs = (logits - lse[part, None]).exp()
+            logits = _scaled((hidden[part].to(dtype) @ w.T).float(), temperature)
+            logp = torch.log_softmax(logits, -1)  # one kernel; the whole-vocabulary passes are the cost here
+            logps[part] = logp.gather(-1, targets[part, None])[:, 0]
+            lse[part] = logits.gather(-1, targets[part, None])[:, 0] - logps[part]
+            del logits
             if entropy:
-                entropies[part] = lse[part] - (probs * logits).sum(-1)
+                probs = logp.exp()
+                entropies[part] = -(probs * logp).sum(-1)
+            elif store_grad:
+                probs = logp.exp_()
             if store_grad:  # d log p / d hidden = (weight[target] - probs @ weight) / temperature
-                unit[part] = ((w[targets[part]].float() - probs @ w.float()) / temperature).to(dtype)
+                unit[part] = _scaled(w[targets[part]].float() - probs @ w.float(), temperature).to(dtype)
         ctx.temperature, ctx.dtype, ctx.store_grad = temperature, dtype, store_grad
         ctx.save_for_backward(hidden, weight, targets, lse, unit if store_grad else lse.new_empty(0))
         ctx.mark_non_differentiable(entropies)
@@ -585,11 +593,11 @@ class _LossTokenLogps(torch.autograd.Function):
         for s in range(0, len(targets), _LossTokenLogps.CHUNK):
             part = slice(s, s + _LossTokenLogps.CHUNK)
             h = hidden[part].to(ctx.dtype)
-            logits = (h @ w.T).float() / ctx.temperature
+            logits = _scaled((h @ w.T).float(), ctx.temperature)
             # d log p[target] / d logits = onehot(target) - softmax, times the incoming gradient
-            d = -(logits - lse[part, None]).exp() * grad[part, None]
+            d = logits.sub_(lse[part, None]).exp_().mul_(-grad[part, None])
             d[torch.arange(len(d), device=d.device), targets[part]] += grad[part]
-            d = (d / ctx.temperature).to(ctx.dtype)
+            d = _scaled(d, ctx.temperature).to(ctx.dtype)
             if grad_hidden is not None:
                 grad_hidden[part] = (d @ w).to(hidden.dtype)
             if grad_weight is not None:

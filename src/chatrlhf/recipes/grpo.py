@@ -9,10 +9,12 @@ being their own baseline.
 Each step, in ``fit`` below (DeepSeekMath, arXiv 2402.03300, algorithm 1, mu = grpo.num_iterations):
 
 1. Sample K = ``grpo.group_size`` replies to each of P = ``grpo.prompts_per_step`` prompts
-   (temperature / top-p, at most ``generation.max_new_tokens``, stopping at EOS). Each prompt's KV
-   cache is computed once and repeated K times (``generation.share_prompt_cache``); every reply
-   is drawn with its own generator seeded by (train.seed, step, prompt, k), so it is the same
-   reply with or without the shared cache (in float32, as on CPU; bf16 rounds the two prefills
+   (temperature / top-p, at most ``generation.max_new_tokens``, stopping at EOS) with
+   ``sampling.sample``: a plain decoding loop in which each prompt's KV cache is computed once and
+   repeated K times (``generation.share_prompt_cache``); with LoRA from a copy of the policy with
+   its adapter merged in, refreshed before each rollout (``sampling.MergedCopy``). Every reply is
+   drawn with its own generator seeded by (train.seed, step, prompt, k), so it is the same reply
+   with or without the shared cache (in float32, as on CPU; bf16 rounds the two prefills
    differently), and after a resume.
 2. Score them: the weighted sum of a chatrlhf reward model (or a ``chatrlhf serve`` server) and
    Python reward functions ``(prompts, replies) -> rewards`` (``reward.functions``, ``reward.weights``).
@@ -30,6 +32,8 @@ Each step, in ``fit`` below (DeepSeekMath, arXiv 2402.03300, algorithm 1, mu = g
 
 Models. The reference is the policy as loaded: with LoRA the policy with its adapter switched off,
 else a frozen copy; with ``grpo.beta=0`` it is never run during training (nor loaded, without LoRA).
+With LoRA the merged sampling copy is one more backbone in memory (0.5 GB for smollm2-135m in
+float32).
 
 Deliberate simplifications: one process (``accelerate launch`` is refused for now); the
 log-probabilities are those of the temperature-scaled distribution, ignoring top-p truncation (as
@@ -47,18 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import losses, models, policy as policy_lib, sharing, training
+from chatrlhf import losses, models, policy as policy_lib, sampling, sharing, training
 from chatrlhf.config import GRPOConfig
 from chatrlhf.recipes import ppo
-from chatrlhf.recipes.ppo import PerPromptSampler, PromptItem, RewardFn, load_prompts, seed_of, step_prompts
-
-# generate()'s keyword for a ready KV cache: `cache` from transformers 5.2, `past_key_values` before.
-CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
+from chatrlhf.recipes.ppo import PromptItem, RewardFn, load_prompts, seed_of, step_prompts
 
 # ---- rewards --------------------------------------------------------------------------------
 
@@ -122,6 +120,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     stop_ids: list[int]
+    sampler: sampling.MergedCopy  # what rollouts sample from: with LoRA the adapter merged in
     start_step: int = 0
 
 
@@ -154,7 +153,7 @@ def setup(config: GRPOConfig, reward_fns: list[RewardFn] | None = None) -> Run:
     stop_ids = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop] if stop is not None else [])})
     policy, optimizer = engine.prepare(policy, optimizer)
     run = Run(config, engine, policy, reference, tokenizer, rewards, judge, train_items, dev_items,
-              optimizer, scheduler, stop_ids)
+              optimizer, scheduler, stop_ids, sampling.MergedCopy(engine.unwrap(policy)))
     if resume_from:
         run.start_step = engine.restore(resume_from, policy, optimizer, scheduler)["step"]
         log(f"resumed from {resume_from} at step {run.start_step} of {train.steps}")
@@ -191,51 +190,17 @@ class Rollout:
         return torch.arange(int(lengths.max())) < lengths[:, None]
 
 
-@torch.no_grad()
-def sample_replies(model, items: list[PromptItem], group_size: int, seeds: list[int] | None, pad: int,
-                   stop_ids: list[int], gen: cfg_lib.RLGenerationConfig, share_cache: bool = True):
-    """``group_size`` replies to each item, row p * K + k drawn with ``seeds[p * K + k]`` (None:
-    greedy). Returns (reply token lists up to and including the first stop token, (S,) ended).
-
-    With ``share_cache`` the P prompts are run once (left-padded, all but their last token) and
-    their KV cache repeated K times before generate() continues from it: the same replies as
-    repeating the prompts, for 1/K of the prefill (tests/test_grpo.py checks the equality)."""
-    width = max(len(item.input_ids) for item in items)
-    prompt_ids = torch.full((len(items), width), pad, dtype=torch.long)
-    for row, item in enumerate(items):  # left padding: every reply starts at column `width`
-        prompt_ids[row, width - len(item.input_ids):] = torch.tensor(item.input_ids)
-    prompt_mask = torch.arange(width) >= torch.tensor([[width - len(item.input_ids)] for item in items])
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.long().to(device)
-    model.eval()
-    processors = [PerPromptSampler(seeds, gen.temperature, gen.top_p)] if seeds is not None else []
-    options = dict(input_ids=prompt_ids.repeat_interleave(group_size, 0),
-                   attention_mask=prompt_mask.repeat_interleave(group_size, 0),
-                   max_new_tokens=gen.max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stop_ids,
-                   logits_processor=LogitsProcessorList(processors))
-    if share_cache and group_size > 1 and width > 1:
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                    position_ids=positions[:, :-1], use_cache=True)
-        cache = getattr(out, CACHE_KEY)
-        if hasattr(cache, "batch_repeat_interleave"):  # a DynamicCache (not a model's own kind)
-            cache.batch_repeat_interleave(group_size)
-            options[CACHE_KEY] = cache
-    reply_ids = model.generate(**options)[:, width:]
-    mask, ended = ppo.reply_mask(reply_ids, stop_ids)
-    return [ids[m].tolist() for ids, m in zip(reply_ids.cpu(), mask.cpu())], ended.cpu()
-
-
 def rollout(run: Run, items: list[PromptItem], group_size: int, seeds: list[int] | None) -> Rollout:
     """Sample, decode and score ``group_size`` replies to each item."""
     started = time.perf_counter()
-    policy = run.engine.unwrap(run.policy)
+    gen = run.config.generation
     # On CPU bf16 autocast casts every frozen weight again at each decoding step: sampling in float32
     # takes a quarter less time there (smollm2-135m + LoRA, 64 new tokens); the log-probabilities of
     # the update come from their own forward, under the run's precision.
     with run.engine.autocast() if run.engine.device.type != "cpu" else nullcontext():
-        reply_ids, ended = sample_replies(policy, items, group_size, seeds, run.tokenizer.pad_token_id, run.stop_ids,
-                                          run.config.generation, run.config.generation.share_prompt_cache)
+        reply_ids, ended = sampling.sample(run.sampler.refresh(), [item.input_ids for item in items], group_size,
+                                           seeds, run.tokenizer.pad_token_id, run.stop_ids, gen.max_new_tokens,
+                                           gen.temperature, gen.top_p, gen.share_prompt_cache)
     replies = [run.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reply_ids]
     members = [item for item in items for _ in range(group_size)]
     generated = time.perf_counter()

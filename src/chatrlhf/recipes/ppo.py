@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from chatrlhf import config as cfg_lib
-from chatrlhf import losses, models, policy as policy_lib, training
+from chatrlhf import losses, models, policy as policy_lib, sampling, training
 from chatrlhf.config import RunConfig, option
 from chatrlhf.data import load, prompt_key
 from chatrlhf.data.batching import Group, tokenize_groups
@@ -381,24 +381,6 @@ def seed_of(*key) -> int:
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
 
 
-class PerPromptSampler(LogitsProcessor):
-    """Draws each row's next token with that row's own generator (temperature, then top-p), so a
-    prompt's reply depends on its seed, not on its batch; generate() then decodes greedily."""
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        self.temperature, self.top_p = temperature, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, -1).cpu()  # the CPU's draws on any device
-        if self.top_p < 1:  # the most likely tokens up to mass top_p, the one crossing it included
-            sorted_probs, order = probs.sort(-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        return torch.full_like(scores, -math.inf).scatter(-1, tokens[:, None].to(scores.device), 0.0)
-
-
 @dataclass
 class Sample:
     """One prompt's reply and what the update needs of it: (n,) tensors over its n reply tokens."""
@@ -470,13 +452,6 @@ def critic_values(critic, input_ids, attention_mask, prompt_width: int) -> torch
     return values[:, prompt_width - 1:-1]
 
 
-def reply_mask(reply_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) True up to and including each reply's first stop token (what generate() writes after
-    it is padding), and (B,) whether the reply has one (False: cut at max_new_tokens)."""
-    is_stop = torch.isin(reply_ids, torch.tensor(stop_ids, device=reply_ids.device))
-    return (is_stop.long().cumsum(-1) - is_stop.long()) == 0, is_stop.any(-1)
-
-
 @torch.no_grad()
 def generate(run: Run, items: list[PromptItem], seeds: list[int], sample: bool = True) -> Rollout:
     """Replies to ``items`` (sampled with a seed each, or greedy), scored, with the policy's and
@@ -495,7 +470,7 @@ def generate(run: Run, items: list[PromptItem], seeds: list[int], sample: bool =
     prompt_mask = torch.arange(width) >= torch.tensor([[width - len(item.input_ids)] for item in mine])
     prompt_ids, prompt_mask = prompt_ids.to(engine.device), prompt_mask.long().to(engine.device)
     policy.eval()
-    sampler = [PerPromptSampler([seeds[r] for r in rows], gen.temperature, gen.top_p)] if sample else []
+    sampler = [sampling.SeededDraw([seeds[r] for r in rows], gen.temperature, gen.top_p)] if sample else []
     options = dict(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=gen.max_new_tokens,
                    do_sample=False, logits_processor=LogitsProcessorList(sampler), pad_token_id=pad,
                    eos_token_id=run.stop_ids, return_dict_in_generate=True, output_logits=True,
@@ -506,7 +481,7 @@ def generate(run: Run, items: list[PromptItem], seeds: list[int], sample: bool =
     output = (training.call_through(policy, lambda model: model.generate(**options)) if lora and engine.sharded
               else policy.generate(**options))
     sequences, reply_ids = output.sequences, output.sequences[:, width:]
-    mask, ended = reply_mask(reply_ids, run.stop_ids)
+    mask, ended = sampling.reply_mask(reply_ids, run.stop_ids)
     replies = [run.tokenizer.decode(ids[m], skip_special_tokens=True).strip() for ids, m in zip(reply_ids, mask)]
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     # In float32 the sampling-time log-probabilities are generate()'s logits, no second forward
