@@ -30,15 +30,16 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, inplace: bool = Fa
     return x.mul_(keep) if inplace else x * keep
 
 
-def keep_mask(shape: torch.Size, p: float, dtype=torch.float32) -> torch.Tensor:
-    """The CPU's dropout multipliers: 0 with probability p, else 1 / (1 - p), coins as above."""
+def keep_mask(shape: torch.Size, p: float, dtype=torch.float32, scaled: bool = True) -> torch.Tensor:
+    """The CPU's dropout multipliers: 0 with probability p, else 1 / (1 - p) (``scaled=False``:
+    1, for a caller that scales a smaller tensor), coins as above."""
     seed = int(torch.randint(2**63 - 1, ()))
     count = shape.numel()
     words = np.random.SFC64(seed).random_raw((count + 1) // 2)  # uint64: two coins each
     coins = torch.from_numpy(words.view(np.int32)[:count]).view(shape)
     threshold = min(round(p * 2**32), 2**32 - 1) - 2**31  # coins below it drop their element
     keep = torch.ge(coins, threshold, out=torch.empty(shape, dtype=dtype))
-    return keep.mul_(1 / (1 - p))
+    return keep.mul_(1 / (1 - p)) if scaled else keep
 
 
 class Dropout(torch.nn.Dropout):

@@ -27,16 +27,19 @@ from chatrlhf.dropout import keep_mask
 
 
 class _LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + scaling * (x * keep) A^T B^T, with keep the dropout mask (None: no dropout)."""
+    """y = x W^T + b + scaling * (x * keep / (1 - p)) A^T B^T, keep the 0/1 dropout mask (None: no
+    dropout); 1 / (1 - p) scales the (tokens x r) product, not the input."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep):
-        dropped = (x * keep).to(x.dtype) if keep is not None else x  # keep: float32 (1 / (1 - p) exact)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, p: float):
+        dropped = x * keep if keep is not None else x
         low = F.linear(dropped, lora_a)  # (..., r)
+        if keep is not None:
+            low.mul_(1 / (1 - p))
         out = F.linear(x, weight, bias)
         out.view(-1, out.shape[-1]).addmm_(low.view(-1, low.shape[-1]), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(dropped, low, keep, weight, lora_a, lora_b)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.p = scaling, p
         return out
 
     @staticmethod
@@ -44,17 +47,18 @@ class _LoraLinear(torch.autograd.Function):
         dropped, low, keep, weight, lora_a, lora_b = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])
         grad_low = (grad2 @ lora_b).mul_(ctx.scaling)  # (tokens, r)
+        grad_mid = grad_low.mul(1 / (1 - ctx.p)) if keep is not None else grad_low  # d loss / d (dropped A^T)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad2 @ weight
             if keep is None:
-                grad_x.addmm_(grad_low, lora_a)
+                grad_x.addmm_(grad_mid, lora_a)
             else:
-                grad_x.add_((grad_low @ lora_a).mul_(keep.reshape(grad_x.shape)))
+                grad_x.add_((grad_mid @ lora_a).mul_(keep.reshape(grad_x.shape)))
             grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
-        grad_a = grad_low.t() @ dropped.reshape(-1, dropped.shape[-1]) if ctx.needs_input_grad[3] else None
+        grad_a = grad_mid.t() @ dropped.reshape(-1, dropped.shape[-1]) if ctx.needs_input_grad[3] else None
         grad_b = (grad2.t() @ low.reshape(-1, low.shape[-1])).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_a, grad_b, None, None  # W and b are frozen (else peft's path)
+        return grad_x, None, None, grad_a, grad_b, None, None, None  # W and b are frozen (else peft's path)
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -70,10 +74,10 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
     dropout = self.lora_dropout[name]
     p = getattr(dropout, "p", 0.0)
-    keep = keep_mask(x.shape, p) if p and dropout.training else None
+    keep = keep_mask(x.shape, p, dtype, scaled=False) if p and dropout.training else None
     with torch.autocast("cpu", enabled=False):
         return _LoraLinear.apply(cast(x), cast(base.weight), cast(base.bias), cast(self.lora_A[name].weight),
-                                 cast(self.lora_B[name].weight), self.scaling[name], keep)
+                                 cast(self.lora_B[name].weight), self.scaling[name], keep, p)
 
 
 def use_fused_lora(model: torch.nn.Module) -> int:
