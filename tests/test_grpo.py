@@ -167,9 +167,7 @@ def test_shared_prompt_cache_samples_the_plain_replies(tiny_llama, prompts, tmp_
         plain = sampling.sample(model, prompt_ids, *options, share_cache=False)
         shared = sampling.sample(model, prompt_ids, *options, share_cache=True)
         assert shared[0] == plain[0] and torch.equal(shared[1], plain[1])
-        width = max(map(len, prompt_ids))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        ids, mask = sampling.left_pad(prompt_ids, tokenizer.pad_token_id)
         through_generate = sampling._generate(model, ids, mask, *options)
         assert through_generate[0] == plain[0] and torch.equal(through_generate[1], plain[1])
     assert len({tuple(r) for r in plain[0][:4]}) == 1  # greedy: a group's K replies are equal

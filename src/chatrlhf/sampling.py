@@ -40,7 +40,7 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator] | None, tempera
     included), by inverse CDF with one uniform from ``generators[b]``; None: greedy (argmax)."""
     if generators is None:
         return logits.argmax(-1)
-    logits = logits.float().cpu()  # the CPU's draws on any device
+    device, logits = logits.device, logits.float().cpu()  # the CPU's draws on any device
     scaled = logits - logits.max(-1, keepdim=True).values
     weights = (scaled if temperature == 1 else scaled.div_(temperature)).exp_()  # unnormalised
     order = None
@@ -53,7 +53,7 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator] | None, tempera
     tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
     if order is not None:
         tokens = order.gather(-1, tokens)
-    return tokens[:, 0].to(logits.device)
+    return tokens[:, 0].to(device)
 
 
 class SeededDraw(LogitsProcessor):
@@ -69,6 +69,17 @@ class SeededDraw(LogitsProcessor):
         return torch.full_like(scores, -math.inf).scatter(-1, tokens[:, None], 0.0)
 
 
+def left_pad(prompt_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) prompt ids padded on the left, so that every reply starts at column ``width``,
+    and their (B, width) attention mask (1 on prompt tokens)."""
+    width = max(len(ids) for ids in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+    mask = (torch.arange(width) >= torch.tensor([[width - len(p)] for p in prompt_ids])).long()
+    return ids, mask
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], group_size: int, seeds: list[int] | None, pad: int,
            stop_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -80,11 +91,8 @@ def sample(model, prompt_ids: list[list[int]], group_size: int, seeds: list[int]
     With ``share_cache`` the prompts run once and their cache is repeated K times; without, each
     prompt is repeated K times first: the same replies (tests/test_grpo.py checks it)."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    for row, prompt in enumerate(prompt_ids):  # left padding: every reply starts at column `width`
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-    mask = (torch.arange(width) >= torch.tensor([[width - len(p)] for p in prompt_ids])).long()
+    ids, mask = left_pad(prompt_ids, pad)
+    width = ids.shape[1]
     if not share_cache:
         ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
     ids, mask = ids.to(device), mask.to(device)

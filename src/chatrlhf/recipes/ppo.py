@@ -463,12 +463,9 @@ def generate(run: Run, items: list[PromptItem], seeds: list[int], sample: bool =
     rows, weight = engine.share(list(range(len(items))))
     mine = [items[r] for r in rows]
     policy = engine.unwrap(run.policy)  # no gradients: no need of DDP's wrapper
-    width = max(len(item.input_ids) for item in mine)
-    prompt_ids = torch.full((len(mine), width), pad, dtype=torch.long)
-    for row, item in enumerate(mine):  # left padding: every reply starts at column `width`
-        prompt_ids[row, width - len(item.input_ids):] = torch.tensor(item.input_ids)
-    prompt_mask = torch.arange(width) >= torch.tensor([[width - len(item.input_ids)] for item in mine])
-    prompt_ids, prompt_mask = prompt_ids.to(engine.device), prompt_mask.long().to(engine.device)
+    prompt_ids, prompt_mask = sampling.left_pad([item.input_ids for item in mine], pad)
+    width = prompt_ids.shape[1]  # every reply starts at this column
+    prompt_ids, prompt_mask = prompt_ids.to(engine.device), prompt_mask.to(engine.device)
     policy.eval()
     sampler = [sampling.SeededDraw([seeds[r] for r in rows], gen.temperature, gen.top_p)] if sample else []
     options = dict(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=gen.max_new_tokens,
