@@ -28,7 +28,7 @@ by its K samples, the K replies' log-probabilities with their prompt computed on
 scoring and training (chatrlhf: the reference pass, the policy's forward and backward and the
 optimizer step; TRL: everything of the step that is not generate() or the reward call, the
 reference and old log-probabilities included); the first step is a warm-up, left out of the means.
-Printed: each side's seconds per step and split, the ratio of TRL's to chatrlhf's (TRL default,
+Printed: each side's seconds per step and split, its peak resident memory, the ratio of TRL's to chatrlhf's (TRL default,
 TRL fastest: the figure that counts), and the exact TRL settings. ``--plot FILE`` draws each
 side's mean reward per step, side by side. Needs the benchmark extra: pip install -e '.[bench]'.
 """
@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reward_throughput import peak_mib  # noqa: E402
 PRESET = ROOT / "configs" / "grpo_hh_smollm2.yaml"
 SIDES = ["chatrlhf", "chatrlhf-no-cache", "chatrlhf-no-share", "trl-default", "trl-fastest"]
 # TRL's loss_type -> chatrlhf's grpo.loss_aggregation (the same token weighting)
@@ -205,9 +207,9 @@ def side(args) -> dict:
     torch.set_num_threads(args.threads)
     training.keep_freed_memory()  # as the chatrlhf command does; the same for TRL's side
     with tempfile.TemporaryDirectory() as tmp:
-        if args.side.startswith("chatrlhf"):
-            return chatrlhf_run(args, Path(tmp), args.side)
-        return trl_run(args, Path(tmp), fastest=args.side == "trl-fastest")
+        run = (chatrlhf_run(args, Path(tmp), args.side) if args.side.startswith("chatrlhf")
+               else trl_run(args, Path(tmp), fastest=args.side == "trl-fastest"))
+    return {**run, "peak_mib": peak_mib()}  # the child's own peak: each side runs in its own process
 
 
 def in_child(args, which: str) -> dict:
@@ -264,8 +266,8 @@ def main(argv=None) -> int:
         results[which] = run = in_child(args, which)
         split = mean_split(run)
         print(f"{which:18s} {split['total']:7.2f} s/step: generation {split['generation']:6.2f}, scoring "
-              f"{split['scoring']:5.2f}, training {split['training']:6.2f}  (whole child {run['wall_s']:.0f} s; "
-              f"mean reward first/last step {run['rewards'][0]:.3f} / {run['rewards'][-1]:.3f})", flush=True)
+              f"{split['scoring']:5.2f}, training {split['training']:6.2f}  (whole child {run['wall_s']:.0f} s, "
+              f"peak {run['peak_mib']:.0f} MiB; mean reward first/last step {run['rewards'][0]:.3f} / {run['rewards'][-1]:.3f})", flush=True)
         if "settings" in run:
             print(f"  TRL settings given (the rest TRL's defaults): {json.dumps(run['settings'])}")
     base = results.get("chatrlhf")

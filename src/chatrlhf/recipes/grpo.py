@@ -35,7 +35,15 @@ else a frozen copy; with ``grpo.beta=0`` it is never run during training (nor lo
 With LoRA the merged sampling copy is one more backbone in memory (0.5 GB for smollm2-135m in
 float32).
 
-Deliberate simplifications: one process (``accelerate launch`` is refused for now); the
+Processes. Under ``accelerate launch`` (DDP) each process samples and scores its share of the
+step's prompts (whole groups) and the rollout is gathered on every process, so the advantages
+(REINFORCE++'s batch whitening included) are those of one process; the log-probabilities and the
+updates are split by groups again, each process's loss weighed so that the averaged gradients are
+the one-process run's. A reply's seed does not depend on the process that draws it: 1 and 2
+processes sample the same replies (tests/test_grpo_engine.py). DeepSpeed and FSDP are refused:
+sampling needs the whole policy on each process.
+
+Deliberate simplifications: the
 log-probabilities are those of the temperature-scaled distribution, ignoring top-p truncation (as
 TRL and PPO here); one optimizer step per iteration over the whole rollout; RLOO and GRPO put the KL
 in the loss, REINFORCE++ in the reward (as OpenRLHF).
@@ -128,8 +136,11 @@ def setup(config: GRPOConfig, reward_fns: list[RewardFn] | None = None) -> Run:
     train, grpo = config.train, config.grpo
     engine = training.Engine(train.output_dir, train.grad_accum, train.max_grad_norm, train.bf16, 1, train.log_with)
     log = engine.log
+    if engine.sharded:
+        raise ValueError(f"chatrlhf grpo runs on one process or under DDP, not {engine.kind}: each process samples "
+                         "from the whole policy; launch with configs/accelerate/ddp.yaml")
     if engine.num_processes > 1:
-        raise ValueError("chatrlhf grpo runs on one process for now: run it without accelerate launch")
+        log(engine.describe())
     if grpo.prompts_per_step < train.grad_accum:
         raise ValueError(f"train.grad_accum={train.grad_accum} splits each rollout's {grpo.prompts_per_step} "
                          "groups into that many micro-batches: it must not be larger")
@@ -189,9 +200,33 @@ class Rollout:
         lengths = torch.tensor(self.lengths)
         return torch.arange(int(lengths.max())) < lengths[:, None]
 
+    def group(self, g: int) -> dict:
+        """Group ``g``'s replies as plain lists (what processes exchange)."""
+        rows = slice(g * self.group_size, (g + 1) * self.group_size)
+        return {"sequences": self.sequences[rows], "replies": self.replies[rows], "ended": self.ended[rows].tolist(),
+                "scores": self.scores[rows].tolist(), "parts": {name: v[rows].tolist() for name, v in self.parts.items()}}
+
 
 def rollout(run: Run, items: list[PromptItem], group_size: int, seeds: list[int] | None) -> Rollout:
-    """Sample, decode and score ``group_size`` replies to each item."""
+    """Sample, decode and score ``group_size`` replies to each item (``seeds``: one per reply, None:
+    greedy). Each process does its share of the items; the rollout is all of them on every process."""
+    engine, k = run.engine, group_size
+    if engine.num_processes == 1:
+        return _rollout(run, items, k, seeds)
+    mine = engine.mine(list(range(len(items))))
+    local = _rollout(run, [items[p] for p in mine], k,
+                     [seeds[p * k + j] for p in mine for j in range(k)] if seeds is not None else None) if mine else None
+    groups = engine.gather([local.group(g) for g in range(len(mine))] if mine else [])
+    column = lambda field: [value for group in groups for value in group[field]]  # noqa: E731
+    members = [item for item in items for _ in range(k)]
+    parts = {name: torch.tensor([v for group in groups for v in group["parts"][name]]) for name in groups[0]["parts"]}
+    return Rollout(items, k, column("sequences"), [len(item.input_ids) for item in members], column("replies"),
+                   torch.tensor(column("ended")), torch.tensor(column("scores")), parts,
+                   local.seconds if local else {"generation": 0.0, "scoring": 0.0})
+
+
+def _rollout(run: Run, items: list[PromptItem], group_size: int, seeds: list[int] | None) -> Rollout:
+    """``rollout`` on this process alone."""
     started = time.perf_counter()
     gen = run.config.generation
     # On CPU bf16 autocast casts every frozen weight again at each decoding step: sampling in float32
@@ -221,13 +256,29 @@ def reply_logps(run: Run, model, rollout: Rollout, rows: list[int], entropy: boo
 
 
 @torch.no_grad()
+def rollout_logps(run: Run, model, rollout: Rollout) -> torch.Tensor:
+    """(S, N) ``model``'s log-probabilities of every reply token (0 after a reply's end), each
+    process computing its share of the groups."""
+    k = rollout.group_size
+
+    def of_groups(model, groups: list[int]) -> list[list[torch.Tensor]]:
+        logps, mask = reply_logps(run, model, rollout, [g * k + j for g in groups for j in range(k)]).padded()
+        rows = [row[m].float().cpu() for row, m in zip(logps, mask)]
+        return [rows[i * k:(i + 1) * k] for i in range(len(groups))]
+
+    with run.engine.autocast():
+        rows = [row for group in run.engine.each_share(model, list(range(len(rollout.items))), of_groups) for row in group]
+    out = torch.zeros(len(rows), max(len(row) for row in rows), device=run.engine.device)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = row
+    return out
+
+
 def reference_logps(run: Run, rollout: Rollout) -> torch.Tensor:
     """(S, N) the reference's log-probabilities of every reply token (0 after a reply's end)."""
-    policy = run.engine.unwrap(run.policy)
     lora = run.reference is None
-    with (policy.disable_adapter() if lora else nullcontext()), run.engine.autocast():
-        out = reply_logps(run, policy if lora else run.reference, rollout, list(range(len(rollout.sequences))))
-    return out.padded()[0].float()
+    with run.engine.unwrap(run.policy).disable_adapter() if lora else nullcontext():
+        return rollout_logps(run, run.policy if lora else run.reference, rollout)
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -257,20 +308,26 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
     kl_in_reward = grpo.algorithm == "reinforce_pp" and grpo.beta
     old = None
     if kl_in_reward:  # the rewards need the sampling-time log-probabilities before any update
-        with torch.no_grad(), engine.autocast():
-            old = reply_logps(run, run.policy, rollout, list(range(S))).padded()[0].float()
+        old = rollout_logps(run, run.policy, rollout)
     kl = losses.kl_penalty(old, reference, grpo.kl_estimator) * mask if kl_in_reward else None
     advantages = advantages_of(grpo, scores, kl, mask)
     groups = list(range(len(rollout.items)))
-    chunks = [[g * k + j for g in part.tolist() for j in range(k)]
-              for part in torch.tensor(groups).tensor_split(train.grad_accum)]
+    chunks = [part.tolist() for part in torch.tensor(groups).tensor_split(train.grad_accum)]  # micro-batches of groups
     tokens = int(mask.sum())
     sampled = torch.zeros(mask.shape, device=engine.device)  # the first iteration's (= sampling-time) log-probabilities
     sums = {"loss": 0.0, "clipped": 0, "entropy": 0.0}
-    grad_norms = []
+    grad_norms, trained = [], []  # trained: the rows this process computes (its share of each chunk)
     run.policy.train()
     for iteration in range(grpo.num_iterations):
-        for rows in chunks:
+        for chunk in chunks:
+            # This process's share of the chunk's groups. The loss is its part of the rollout's
+            # loss; the processes' gradients are averaged, hence x num_processes. One left without
+            # a group runs the first at weight 0 (every process takes part in each backward).
+            mine, weight = engine.share(chunk)
+            rows = [g * k + j for g in mine for j in range(k)]
+            scale = train.grad_accum * engine.num_processes * (weight > 0)  # backward divides by grad_accum
+            if iteration == 0 and weight:
+                trained += rows
             with engine.accumulate(run.policy):
                 with engine.autocast():
                     out = reply_logps(run, run.policy, rollout, rows, entropy=iteration == 0)
@@ -278,7 +335,7 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
                 logps, width = logps.float(), logps.shape[1]
                 if iteration == 0:
                     sampled[rows, :width] = logps.detach()
-                    sums["entropy"] += float(out.entropy.sum())
+                    sums["entropy"] += float(out.entropy.sum()) * (weight > 0)
                 old_logps = old[rows, :width] if old is not None else sampled[rows, :width]
                 per_token, clipped = losses.clipped_pg_loss(
                     logps, old_logps, advantages[rows] if advantages.dim() == 1 else advantages[rows, :width],
@@ -286,11 +343,12 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
                     grpo.beta, grpo.kl_estimator)
                 loss = losses.aggregate_token_loss(per_token, m, grpo.aggregation, run.config.generation.max_new_tokens,
                                                    num_sequences=S, num_tokens=tokens)
-                engine.backward(loss * train.grad_accum)  # backward divides by grad_accum
-            sums["loss"] += loss.item()
-            sums["clipped"] += int((clipped & m).sum())
+                engine.backward(loss * scale)
+            sums["loss"] += loss.item() * (weight > 0)
+            sums["clipped"] += int((clipped & m).sum()) * (weight > 0)
         grad_norms.append(engine.step(run.policy, run.optimizer, run.scheduler, step))
     done = time.perf_counter()
+    sums = {name: engine.reduce_sum(value) for name, value in sums.items()}
     grouped = scores.view(-1, k)
     zero = losses.zero_signal_groups(scores, k)
     entry = {"step": step + 1, "reward": scores.mean().item(), "reward_std": scores.std(unbiased=False).item(),
@@ -303,7 +361,8 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
              "ended": rollout.ended.float().mean().item(), "grad_norm": sum(grad_norms) / len(grad_norms),
              "lr": run.scheduler.get_last_lr()[0]}
     if reference is not None:
-        entry["kl"] = (losses.kl_penalty(sampled if old is None else old, reference, "k1") * mask).sum(-1).mean().item()
+        kl = losses.kl_penalty(sampled if old is None else old, reference, "k1") * mask
+        entry["kl"] = engine.reduce_sum(kl[trained].sum().item()) / S
     entry.update({f"time_{name}": seconds for name, seconds in rollout.seconds.items()})
     entry.update(time_reference=referenced - started, time_training=done - referenced)
     return entry
@@ -311,7 +370,7 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
 
 def fit(run: Run) -> dict:
     """The loop: rollout -> advantages -> clipped updates -> log, samples, evaluation, checkpoints."""
-    config, engine, train, grpo = run.config, run.engine, run.config.train, run.config.grpo
+    engine, train, grpo = run.engine, run.config.train, run.config.grpo
     samples_file = Path(train.output_dir) / "samples.jsonl"
     last_eval = {}
     if run.dev_items and run.start_step == 0:
@@ -368,12 +427,15 @@ def evaluate(run: Run, step: int) -> dict:
         batch = rollout(run, items, 1, seeds)
         scores += batch.scores.tolist()
         lengths += batch.lengths
-        judge = run.judge([i.prompt for i in items], batch.replies) if run.judge else [None] * len(items)
+        judge = [None] * len(items)
+        if run.judge:  # each process judges its share
+            mine = run.engine.mine(list(range(len(items))))
+            judge = run.engine.gather(list(run.judge([items[i].prompt for i in mine], [batch.replies[i] for i in mine]))
+                                      if mine else [])
         judged += judge
         if run.reference is not None or config.policy.lora_r:  # LoRA: the reference is the adapter off
-            with torch.no_grad(), run.engine.autocast():
-                logps = reply_logps(run, run.engine.unwrap(run.policy), batch, list(range(len(items)))).padded()[0]
-            kl = losses.kl_penalty(logps.float(), reference_logps(run, batch), "k1") * batch.mask().to(logps.device)
+            logps = rollout_logps(run, run.policy, batch)
+            kl = losses.kl_penalty(logps, reference_logps(run, batch), "k1") * batch.mask().to(logps.device)
             kls += kl.sum(-1).tolist()
         rows += [{"step": step, "prompt": item.prompt, "reply": reply, "score": s, **({"judge": j} if run.judge else {})}
                  for item, reply, s, j in zip(items, batch.replies, batch.scores.tolist(), judge)]
