@@ -279,6 +279,9 @@ def main(argv=None) -> int:
                 print(f"{which} / chatrlhf: {theirs['total'] / ours:.2f}x per step "
                       f"(generation {theirs['generation'] / max(mean_split(base)['generation'], 1e-9):.2f}x, "
                       f"training {theirs['training'] / max(mean_split(base)['training'], 1e-9):.2f}x)")
+    if base and "trl-fastest" in results:
+        print(f"peak memory at equal settings (gradient checkpointing off on both): chatrlhf {base['peak_mib']:.0f} MiB, "
+              f"TRL fastest {results['trl-fastest']['peak_mib']:.0f} MiB")
     if args.plot:
         plot(args.plot, results)
     return 0

@@ -6,15 +6,12 @@ the rollout's loss) and the same trained policy."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
 from conftest import separable_pairs, write_jsonl
-from test_scale_out import CONFIGS, ENV, free_port
+from test_scale_out import one_and_two_processes
 
 
 def rows(path) -> list[dict]:
@@ -45,18 +42,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, tiny_llama, settings):
               "reward.functions=[count:good]", "eval.judge=count:bad", "generation.max_new_tokens=6",
               "grpo.prompts_per_step=3", "grpo.group_size=2", "grpo.beta=0.1", "train.grad_accum=2",
               "train.steps=2", "train.lr=2e-2", "train.sample_every=1", "train.samples=6", *settings]
-    one, two = tmp_path / "one", tmp_path / "two"
-    runs = {
-        one: [sys.executable, "-m", "chatrlhf", "grpo", f"train.output_dir={one}", *common],
-        two: [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-              "--main_process_port", str(free_port()), "-m", "chatrlhf", "grpo", f"train.output_dir={two}", *common],
-    }
-    for out, cmd in runs.items():
-        started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        print(f"{out.name}: {time.perf_counter() - started:.1f} s")
-    assert "2 processes (MULTI_CPU on cpu)" in done.stdout
+    one, two = one_and_two_processes(tmp_path, "grpo", common)
 
     logs = [rows(out / "metrics.jsonl") for out in (one, two)]
     assert [e["step"] for e in logs[1]] == [0, 1, 2], "logged once per step, by the main process"

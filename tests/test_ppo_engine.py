@@ -5,15 +5,12 @@ means over the whole minibatch, gathered rollout) and the same trained policy.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
 from conftest import separable_pairs, write_jsonl
-from test_scale_out import CONFIGS, ENV, free_port
+from test_scale_out import one_and_two_processes
 
 
 def rows(path) -> list[dict]:
@@ -30,18 +27,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, tiny_llama):
                 "reward.function=count:good", "generation.max_new_tokens=6", "ppo.rollout_prompts=9",
                 "ppo.minibatch_size=3", "train.grad_accum=2", "train.steps=2", "train.lr=1e-3",
                 "train.critic_lr=1e-3", "train.sample_every=1", "train.samples=9"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    runs = {
-        one: [sys.executable, "-m", "chatrlhf", "ppo", f"train.output_dir={one}", *settings],
-        two: [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-              "--main_process_port", str(free_port()), "-m", "chatrlhf", "ppo", f"train.output_dir={two}", *settings],
-    }
-    for out, cmd in runs.items():
-        started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        print(f"{out.name}: {time.perf_counter() - started:.1f} s")
-    assert "2 processes (MULTI_CPU on cpu)" in done.stdout
+    one, two = one_and_two_processes(tmp_path, "ppo", settings)
 
     logs = [rows(out / "metrics.jsonl") for out in (one, two)]
     assert [e["step"] for e in logs[1]] == [0, 1, 2], "logged once per step, by the main process"

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def one_and_two_processes(tmp_path, command: str, settings: list[str]) -> tuple[Path, Path]:
+    """Run ``chatrlhf COMMAND settings`` in one process and under ``accelerate launch`` with two
+    (cpu_2proc.yaml); returns the two output folders (tmp_path/one, tmp_path/two)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = {
+        one: [sys.executable, "-m", "chatrlhf", command, f"train.output_dir={one}", *settings],
+        two: [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
+              "--main_process_port", str(free_port()), "-m", "chatrlhf", command, f"train.output_dir={two}", *settings],
+    }
+    for out, cmd in runs.items():
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        print(f"{out.name}: {time.perf_counter() - started:.1f} s")
+    assert "2 processes (MULTI_CPU on cpu)" in done.stdout
+    return one, two
 
 
 @pytest.mark.slow

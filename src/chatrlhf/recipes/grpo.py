@@ -211,8 +211,6 @@ def rollout(run: Run, items: list[PromptItem], group_size: int, seeds: list[int]
     """Sample, decode and score ``group_size`` replies to each item (``seeds``: one per reply, None:
     greedy). Each process does its share of the items; the rollout is all of them on every process."""
     engine, k = run.engine, group_size
-    if engine.num_processes == 1:
-        return _rollout(run, items, k, seeds)
     mine = engine.mine(list(range(len(items))))
     local = _rollout(run, [items[p] for p in mine], k,
                      [seeds[p * k + j] for p in mine for j in range(k)] if seeds is not None else None) if mine else None
@@ -325,8 +323,9 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
             # a group runs the first at weight 0 (every process takes part in each backward).
             mine, weight = engine.share(chunk)
             rows = [g * k + j for g in mine for j in range(k)]
-            scale = train.grad_accum * engine.num_processes * (weight > 0)  # backward divides by grad_accum
-            if iteration == 0 and weight:
+            live = weight > 0
+            scale = train.grad_accum * engine.num_processes * live  # backward divides by grad_accum
+            if iteration == 0 and live:
                 trained += rows
             with engine.accumulate(run.policy):
                 with engine.autocast():
@@ -335,7 +334,7 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
                 logps, width = logps.float(), logps.shape[1]
                 if iteration == 0:
                     sampled[rows, :width] = logps.detach()
-                    sums["entropy"] += float(out.entropy.sum()) * (weight > 0)
+                    sums["entropy"] += float(out.entropy.sum()) * live
                 old_logps = old[rows, :width] if old is not None else sampled[rows, :width]
                 per_token, clipped = losses.clipped_pg_loss(
                     logps, old_logps, advantages[rows] if advantages.dim() == 1 else advantages[rows, :width],
@@ -344,8 +343,8 @@ def grpo_step(run: Run, rollout: Rollout, step: int) -> dict:
                 loss = losses.aggregate_token_loss(per_token, m, grpo.aggregation, run.config.generation.max_new_tokens,
                                                    num_sequences=S, num_tokens=tokens)
                 engine.backward(loss * scale)
-            sums["loss"] += loss.item() * (weight > 0)
-            sums["clipped"] += int((clipped & m).sum()) * (weight > 0)
+            sums["loss"] += loss.item() * live
+            sums["clipped"] += int((clipped & m).sum()) * live
         grad_norms.append(engine.step(run.policy, run.optimizer, run.scheduler, step))
     done = time.perf_counter()
     sums = {name: engine.reduce_sum(value) for name, value in sums.items()}
