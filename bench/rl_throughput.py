@@ -3,6 +3,7 @@
     python bench/rl_throughput.py --plot runs/rl_rewards.png            # 20 steps, the real figures
     python bench/rl_throughput.py --steps 2 --trl-default-steps 2       # a quick check that it works
     python bench/rl_throughput.py --sides chatrlhf,chatrlhf-no-cache,chatrlhf-no-share   # what sharing saves
+    python bench/rl_throughput.py --sides chatrlhf,chatrlhf-no-decoder --steps 6         # what decoding.py saves
 
 Every side trains ``smollm2-135m`` with the same LoRA (r 16, alpha 32, dropout 0, every linear map)
 for the same steps on the same prompts: HH harmless train prompts as configs/grpo_hh_smollm2.yaml
@@ -22,7 +23,8 @@ the [CLS] prompt [SEP] reply [SEP] it was trained on.
 
 Sides, each in its own child process: ``chatrlhf`` (recipes/grpo.py: the prompt's KV cache shared
 by its K samples, the K replies' log-probabilities with their prompt computed once);
-``chatrlhf-no-cache`` and ``chatrlhf-no-share`` (each without one of the two); ``trl-default``
+``chatrlhf-no-cache``, ``chatrlhf-no-share`` (each without one of the two) and
+``chatrlhf-no-decoder`` (decoding through the model's own forward instead of decoding.py's step); ``trl-default``
 (TRL's GRPOConfig defaults, gradient checkpointing on, only the settings above changed) and
 ``trl-fastest`` (the same, gradient checkpointing off). Seconds per step are split into generation,
 scoring and training (chatrlhf: the reference pass, the policy's forward and backward and the
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_throughput import peak_mib  # noqa: E402
 PRESET = ROOT / "configs" / "grpo_hh_smollm2.yaml"
-SIDES = ["chatrlhf", "chatrlhf-no-cache", "chatrlhf-no-share", "trl-default", "trl-fastest"]
+SIDES = ["chatrlhf", "chatrlhf-no-cache", "chatrlhf-no-share", "chatrlhf-no-decoder", "trl-default", "trl-fastest"]
 # TRL's loss_type -> chatrlhf's grpo.loss_aggregation (the same token weighting)
 LOSS_TYPES = {"dapo": "token_mean", "bnpo": "token_mean", "grpo": "sequence_mean", "dr_grpo": "constant"}
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -117,7 +119,7 @@ def chatrlhf_run(args, workdir: Path, side: str) -> dict:
         "reward": {"model": reward_model_path(args)},
         "data": {"dev": None},
         "generation": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0,
-                       "share_prompt_cache": side != "chatrlhf-no-cache"},
+                       "share_prompt_cache": side != "chatrlhf-no-cache", "fast_decoder": side != "chatrlhf-no-decoder"},
         "grpo": {"algorithm": "grpo", "prompts_per_step": args.prompts, "group_size": args.k, "beta": args.beta,
                  "kl_estimator": "k3", "clip_range": args.epsilon, "num_iterations": args.num_iterations,
                  "loss_aggregation": LOSS_TYPES[args.loss_type]},
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
     base = results.get("chatrlhf")
     if base:
         ours = mean_split(base)["total"]
-        for which in ("chatrlhf-no-cache", "chatrlhf-no-share", "trl-default", "trl-fastest"):
+        for which in ("chatrlhf-no-cache", "chatrlhf-no-share", "chatrlhf-no-decoder", "trl-default", "trl-fastest"):
             if which in results:
                 theirs = mean_split(results[which])
                 print(f"{which} / chatrlhf: {theirs['total'] / ours:.2f}x per step "

@@ -28,6 +28,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from chatrlhf import decoding
+
 # The forward's keyword (and output field) for the KV cache: `cache` from transformers 5.2,
 # `past_key_values` before.
 CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -83,13 +85,15 @@ def left_pad(prompt_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], group_size: int, seeds: list[int] | None, pad: int,
            stop_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           share_cache: bool = True) -> tuple[list[list[int]], torch.Tensor]:
+           share_cache: bool = True, fast: bool = True) -> tuple[list[list[int]], torch.Tensor]:
     """``group_size`` replies to each prompt, row p * K + k drawn with ``seeds[p * K + k]`` (None:
     greedy). Returns (reply token lists up to and including the first stop token, (S,) whether
     each reply stopped by itself: False where it was cut at ``max_new_tokens``).
 
     With ``share_cache`` the prompts run once and their cache is repeated K times; without, each
-    prompt is repeated K times first: the same replies (tests/test_grpo.py checks it)."""
+    prompt is repeated K times first: the same replies (tests/test_grpo.py checks it). With
+    ``fast`` a Llama-family model decodes with ``decoding.Decoder``'s step (its tied decoder where
+    ``MergedCopy`` made one), else with its own forward; the prompts always run through it."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad)
     width = ids.shape[1]
@@ -111,8 +115,13 @@ def sample(model, prompt_ids: list[list[int]], group_size: int, seeds: list[int]
         cache.batch_repeat_interleave(group_size)
         logits, mask, last = (t.repeat_interleave(group_size, 0) for t in (logits, mask, last))
     rows = logits.shape[0]
-    _reserve(cache, max_new_tokens)
-    mask = torch.cat([mask, mask.new_ones(rows, max_new_tokens)], 1)
+    decoder = decoding.Decoder.of(model) if fast else None
+    if decoder is not None:
+        state = decoder.start(cache, mask, max_new_tokens)
+        del cache
+    else:
+        _reserve(cache, max_new_tokens)
+        mask = torch.cat([mask, mask.new_ones(rows, max_new_tokens)], 1)
     tokens, ended = [], torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         token = draw(logits, generators, temperature, top_p).masked_fill(ended, pad)
@@ -121,6 +130,9 @@ def sample(model, prompt_ids: list[list[int]], group_size: int, seeds: list[int]
         if bool(ended.all()) or t + 1 == max_new_tokens:
             break
         last = last + 1
+        if decoder is not None:
+            logits = decoder.step(state, token, last)
+            continue
         out = model(input_ids=token[:, None], attention_mask=mask[:, :width + t + 1], position_ids=last[:, None],
                     use_cache=True, **{CACHE_KEY: cache})
         logits = out.logits[:, -1]
@@ -190,6 +202,7 @@ class MergedCopy:
         self.model = copy.deepcopy(policy).merge_and_unload().eval() if hasattr(policy, "peft_config") else None
         if self.model is not None:
             self.model.requires_grad_(False)
+            decoding.Decoder.tie(self.model)  # the fast decoding step reads the copy's own weights
 
     @torch.no_grad()
     def refresh(self):

@@ -233,7 +233,8 @@ def _rollout(run: Run, items: list[PromptItem], group_size: int, seeds: list[int
     with run.engine.autocast() if run.engine.device.type != "cpu" else nullcontext():
         reply_ids, ended = sampling.sample(run.sampler.refresh(), [item.input_ids for item in items], group_size,
                                            seeds, run.tokenizer.pad_token_id, run.stop_ids, gen.max_new_tokens,
-                                           gen.temperature, gen.top_p, gen.share_prompt_cache)
+                                           gen.temperature, gen.top_p, gen.share_prompt_cache,
+                                           gen.fast_decoder)
     replies = [run.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reply_ids]
     members = [item for item in items for _ in range(group_size)]
     generated = time.perf_counter()
