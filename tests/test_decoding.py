@@ -47,6 +47,7 @@ def assert_steps_equal_forward(model, steps: int = 5):
     ("Llama", {"num_key_value_heads": 4}),  # no grouped queries
     ("Llama", {"head_dim": 16, "tie_word_embeddings": True}),  # heads x head_dim != hidden size
     ("Qwen2", {}),  # biased query, key and value maps
+    ("Qwen2", {"use_sliding_window": True, "sliding_window": 4}),  # a window no layer uses (max_window_layers 28)
     ("Mistral", {"sliding_window": None}),
 ])
 def test_decoder_step_gives_the_forward_logits(kind, options):
@@ -77,7 +78,8 @@ def test_unsupported_models_keep_their_forward(tiny_llama):
     policy, _ = load_policy(tiny_llama, lora={"r": 4})
     assert decoding.Decoder.of(policy) is None  # peft's adapters: sampled through its own forward
     assert decoding.Decoder.of(tiny("Mistral", sliding_window=4)) is None
-    assert decoding.Decoder.of(tiny("Qwen2", use_sliding_window=True, sliding_window=4)) is None
+    # Qwen2's window in its layers from max_window_layers on: layer 1 here
+    assert decoding.Decoder.of(tiny("Qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)) is None
     assert decoding.Decoder.of(tiny("Llama", hidden_act="gelu")) is None
     assert decoding.Decoder.of(tiny("Gemma2", head_dim=8)) is None
 

@@ -6,11 +6,11 @@ replies to a handful of prompts spends its time.
     logits = decoder.step(state, tokens, positions)   # (B,) tokens in, (B, V) next-token logits out
 
 Decoding multiplies every weight matrix by a (hidden x B) block of B = P x K rows, 16 in the GRPO
-preset: memory-bound work where the layout of the product decides the speed. Three things make it
-1.5-2x faster than the model's own forward on a 2-core AVX2 CPU (docs/benchmarks.md):
+preset: memory-bound work where the layout of the product decides the speed. Three things make
+generation 1.6x faster than with the model's own forward on a 2-core AVX2 CPU (docs/benchmarks.md):
 
 - The products run as W @ h with the hidden states kept as columns (hidden, B), not as
-  ``F.linear``'s h @ W^T: the BLAS reads W in its stored order, 1.4-1.6x faster at 16 rows.
+  ``F.linear``'s h @ W^T: the BLAS reads W in its stored order, 1.4-2.7x faster at 16 rows.
 - The query, key and value maps are one product over their stacked weights, and so are the MLP's
   gate and up maps: 4 products a layer instead of 7, larger ones that stream better.
 - Attention over the cache groups the query heads of each key head (no ``repeat_kv`` copies), and
@@ -19,7 +19,8 @@ preset: memory-bound work where the layout of the product decides the speed. Thr
 
 It computes what the model's forward computes (tests/test_decoding.py compares the logits step by
 step, Llama with and without LoRA merged in, and Qwen2's biased projections); models it does not
-cover (other layer kinds, sliding windows, other activations) keep their own forward.
+cover (sliding-window or other kinds of layer, other activations, peft wrappers) keep their own
+forward.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-# model_type -> the parts of LlamaDecoderLayer this step reproduces; anything else keeps its forward
+from chatrlhf.sharing import layer_kinds
+
+# the model types whose decoder layers are LlamaDecoderLayer's computation; others keep their forward
 SUPPORTED = {"llama", "mistral", "qwen2"}
 HEAD_SLICE = 2048  # rows of the output layer per product
 
@@ -169,11 +172,11 @@ def supports(model) -> bool:
     (SiLU MLP without biases, full attention in every layer, one output layer without bias), not
     wrapped by peft (whose adapters this step would skip: ``MergedCopy`` merges them first)."""
     config = getattr(model, "config", None)
-    return (config is not None and not hasattr(model, "peft_config") and config.model_type in SUPPORTED and type(model).__name__.endswith("ForCausalLM")
+    return (config is not None and not hasattr(model, "peft_config") and config.model_type in SUPPORTED
+            and type(model).__name__.endswith("ForCausalLM") and layer_kinds(config) == {"full_attention"}
             and getattr(config, "hidden_act", None) == "silu" and not getattr(config, "mlp_bias", False)
-            and getattr(config, "pretraining_tp", 1) == 1 and not _uses_window(config)
-            and hasattr(model, "model") and getattr(model, "lm_head", None) is not None
-            and model.lm_head.bias is None)
+            and getattr(config, "pretraining_tp", 1) == 1 and hasattr(model, "model")
+            and getattr(model, "lm_head", None) is not None and model.lm_head.bias is None)
 
 
 def _rms_norm(columns: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -181,12 +184,3 @@ def _rms_norm(columns: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     scale = columns.float().pow(2).mean(0, keepdim=True).add_(eps).rsqrt_()
     return weight[:, None] * (columns.float() * scale).to(columns.dtype)
 
-
-def _uses_window(config) -> bool:
-    """Whether any layer attends within a sliding window (this step attends to the whole cache)."""
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return False
-    if config.model_type == "qwen2":
-        return bool(getattr(config, "use_sliding_window", False))
-    return True
