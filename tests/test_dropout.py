@@ -8,12 +8,14 @@ import torch
 
 from chatrlhf import models
 from chatrlhf.data.batching import Group, collate, tokenize_groups
-from chatrlhf.dropout import Dropout, dropout
+from chatrlhf.dropout import Dropout, dropout, keep_mask
 from chatrlhf.encoders import packed
 from conftest import separable_pairs
 
 
-@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+# 0.05 and 0.1: byte coins and a sparse set; 0.5: byte coins alone (256 p is whole); 0.001: the
+# sparse set alone (256 p < 1); 0.999: nearly every byte coin drops
+@pytest.mark.parametrize("p", [0.001, 0.05, 0.1, 0.5, 0.999])
 def test_drops_a_share_p_and_scales_the_rest(p):
     x = torch.ones(1_000_000, requires_grad=True)
     y = dropout(x, p)
@@ -23,6 +25,23 @@ def test_drops_a_share_p_and_scales_the_rest(p):
     assert torch.equal(kept, torch.full_like(kept, 1 / (1 - p)))
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x * mask * scale)/dx = mask * scale
+
+
+@pytest.mark.parametrize("p", [0.001, 0.05])
+def test_dropped_elements_spread_evenly_and_independently(p):
+    # Each element is dropped with probability p wherever it lies (no position favoured by the
+    # byte coins' packing, 8 a word, or by the sparse set's gaps), independently of its neighbour.
+    n, bins = 2_000_000, 16
+    dropped = (keep_mask(torch.Size([n]), p, scaled=False) == 0).double()
+    per_bin = dropped.view(bins, -1).sum(1)
+    expected = n / bins * p
+    chi2 = ((per_bin - expected) ** 2 / (expected * (1 - p))).sum().item()
+    assert chi2 < 40  # chi-square, 15 degrees of freedom: p < 1e-3
+    for residue in range(8):  # the position within a 64-bit word
+        rate = dropped[residue::8].mean().item()
+        assert abs(rate - p) < 5 * (p * (1 - p) / (n / 8)) ** 0.5, residue
+    both = (dropped[:-1] * dropped[1:]).mean().item()  # neighbours both dropped: p^2
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
 
 
 def test_repeatable_from_torch_seed_and_fresh_each_call():

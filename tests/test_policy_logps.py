@@ -72,24 +72,28 @@ def test_equals_separate_forwards(tiny_llama, lora, layout, monkeypatch):
     assert_close(got.means(), sums / torch.tensor(got.lengths), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [5, 1024], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": "all-linear"}])
-def test_gradients_equal_separate_forwards(tiny_llama, lora, monkeypatch):
-    """Weighted per token as GRPO weighs them, so every token's gradient path counts."""
+def test_gradients_equal_separate_forwards(tiny_llama, lora, chunk, monkeypatch):
+    """Weighted per token as GRPO weighs them, so every token's gradient path counts. In one
+    chunk with the output layer trained, the backward reads the forward's softmax; a second
+    backward of the same graph computes it again."""
     model, tokenizer = policy.load_policy(tiny_llama, lora=lora)
     model = perturbed(model)
-    monkeypatch.setattr(sharing._LossTokenLogps, "CHUNK", 5)
+    monkeypatch.setattr(sharing._LossTokenLogps, "CHUNK", chunk)
     sizes = [2, 4, 1]
     sequences, starts = groups_of(tokenizer, sizes, seed=1)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def grads(values):
+    def grads(values, retain=False):
         weights = torch.linspace(-1, 2, len(values))
-        return torch.autograd.grad((values * weights).sum(), params)
+        return torch.autograd.grad((values * weights).sum(), params, retain_graph=retain)
 
     expected = grads(separate(model, sequences, starts, 0.9)[0])
-    got = grads(sharing.policy_logps(model, sequences, starts, sizes, temperature=0.9).values)
-    for a, b in zip(got, expected):
-        assert_close(a, b, atol=1e-5, rtol=1e-4)
+    values = sharing.policy_logps(model, sequences, starts, sizes, temperature=0.9).values
+    for got in (grads(values, retain=True), grads(values)):
+        for a, b in zip(got, expected):
+            assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_the_prompt_is_computed_once(tiny_llama, monkeypatch):

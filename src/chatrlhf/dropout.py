@@ -6,9 +6,13 @@ LoRA's own dropout (0.05 by default, on the input of every adapted matrix) and t
 when kept. With the coins below, a MiniLM reward-training step on HH pairs runs 1.24-1.31x
 faster with LoRA and 1.19-1.23x with the backbone's dropout kept (README, Speed).
 
-The coins are 32-bit integers from numpy's SFC64 generator, 64 bits at a time (about 1 ns an
-element), compared with ``p * 2**32``: an element is dropped with probability p to within
-2**-32, and the kept ones are scaled by 1 / (1 - p), as PyTorch does. The generator is seeded
+The coins are bytes of numpy's SFC64 generator, 8 a 64-bit word (about 0.4 ns an element): an
+element whose coin is below ``floor(256 p)`` is dropped, and so is each element of an
+independent sparse set that makes up the rest of p exactly (its positions drawn as geometric gaps,
+at most 1 element in 255 to draw). Every element is thus dropped with probability p,
+independently (tests/test_dropout.py), and the kept ones are scaled by 1 / (1 - p), as PyTorch
+does. A (625 x 1536) mask takes 0.6 ms against 1.4-2.5 ms with 32-bit coins, and PyTorch's own
+about 7 ms. The generator is seeded
 from PyTorch's CPU generator on every call, so ``torch.manual_seed`` makes runs repeat, a resumed
 run continues the same stream, and gradient checkpointing (which restores PyTorch's generator
 before recomputing) recomputes the same masks. Other devices keep PyTorch's dropout, whose GPU
@@ -35,11 +39,29 @@ def keep_mask(shape: torch.Size, p: float, dtype=torch.float32, scaled: bool = T
     1, for a caller that scales a smaller tensor), coins as above."""
     seed = int(torch.randint(2**63 - 1, ()))
     count = shape.numel()
-    words = np.random.SFC64(seed).random_raw((count + 1) // 2)  # uint64: two coins each
-    coins = torch.from_numpy(words.view(np.int32)[:count]).view(shape)
-    threshold = min(round(p * 2**32), 2**32 - 1) - 2**31  # coins below it drop their element
-    keep = torch.ge(coins, threshold, out=torch.empty(shape, dtype=dtype))
+    bits = np.random.SFC64(seed)
+    coins = torch.from_numpy(bits.random_raw((count + 7) // 8).view(np.uint8)[:count])
+    level = int(p * 256)  # a coin below it drops its element: probability level / 256
+    keep = torch.ge(coins, level, out=torch.empty(count, dtype=dtype))
+    rest = (p - level / 256) / (1 - level / 256)  # so that p = level / 256 + (1 - level / 256) * rest
+    if rest > 0:
+        keep.index_fill_(0, _positions(np.random.Generator(bits), count, rest), 0)
+    keep = keep.view(shape)
     return keep.mul_(1 / (1 - p)) if scaled else keep
+
+
+def _positions(generator: np.random.Generator, count: int, q: float) -> torch.Tensor:
+    """The sorted positions in range(count) of a set holding each one with probability q,
+    independently: the gaps between them are geometric."""
+    expected = count * q
+    parts, last = [], -1
+    while last < count - 1:
+        gaps = generator.geometric(q, int(expected + 6 * expected**0.5 + 16))
+        part = np.cumsum(np.minimum(gaps, count)) + last  # a gap past the end is one of count
+        parts.append(part)
+        last = int(part[-1])
+    found = np.concatenate(parts)
+    return torch.from_numpy(found[:np.searchsorted(found, count)])
 
 
 class Dropout(torch.nn.Dropout):

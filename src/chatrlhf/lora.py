@@ -54,7 +54,7 @@ class _LoraLinear(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(grad_mid, lora_a)
             else:
-                grad_x.add_((grad_mid @ lora_a).mul_(keep.reshape(grad_x.shape)))
+                grad_x.addcmul_(grad_mid @ lora_a, keep.reshape(grad_x.shape))
             grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
         grad_a = grad_mid.t() @ dropped.reshape(-1, dropped.shape[-1]) if ctx.needs_input_grad[3] else None
         grad_b = (grad2.t() @ low.reshape(-1, low.shape[-1])).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None

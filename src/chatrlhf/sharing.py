@@ -548,7 +548,9 @@ class _LossTokenLogps(torch.autograd.Function):
     ``CHUNK`` tokens at a time and never kept: the forward keeps each token's logsumexp, the
     backward computes each chunk's logits again. With the output layer frozen (LoRA) the forward
     also computes d log p / d hidden (tokens x hidden, small) and the backward only scales it,
-    so the output layer's matmuls are as many as autograd's on the whole logits."""
+    so the output layer's matmuls are as many as autograd's on the whole logits. With the output
+    layer trained (full fine-tuning) and the tokens within one chunk, the forward's softmax is
+    kept for the first backward instead of computing the logits again."""
 
     CHUNK = 1024
 
@@ -558,6 +560,7 @@ class _LossTokenLogps(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         w = weight.to(dtype)
         store_grad = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        keep_probs = ctx.needs_input_grad[1] and 0 < len(targets) <= _LossTokenLogps.CHUNK
         logps = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         entropies = torch.empty_like(logps) if entropy else logps.new_empty(0)
@@ -572,11 +575,12 @@ class _LossTokenLogps(torch.autograd.Function):
             if entropy:
                 probs = logp.exp()
                 entropies[part] = -(probs * logp).sum(-1)
-            elif store_grad:
+            elif store_grad or keep_probs:
                 probs = logp.exp_()
             if store_grad:  # d log p / d hidden = (weight[target] - probs @ weight) / temperature
                 unit[part] = _scaled(w[targets[part]].float() - probs @ w.float(), temperature).to(dtype)
         ctx.temperature, ctx.dtype, ctx.store_grad = temperature, dtype, store_grad
+        ctx.probs = probs if keep_probs else None
         ctx.save_for_backward(hidden, weight, targets, lse, unit if store_grad else lse.new_empty(0))
         ctx.mark_non_differentiable(entropies)
         return logps, entropies
@@ -587,19 +591,21 @@ class _LossTokenLogps(torch.autograd.Function):
         if ctx.store_grad:
             return (grad[:, None] * unit.float()).to(hidden.dtype), None, None, None, None
         w = weight.to(ctx.dtype)
+        kept, ctx.probs = ctx.probs, None  # the forward's softmax, for the first backward only
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_weight = None
         for s in range(0, len(targets), _LossTokenLogps.CHUNK):
             part = slice(s, s + _LossTokenLogps.CHUNK)
             h = hidden[part].to(ctx.dtype)
-            logits = _scaled((h @ w.T).float(), ctx.temperature)
+            if kept is None:
+                kept = _scaled((h @ w.T).float(), ctx.temperature).sub_(lse[part, None]).exp_()
             # d log p[target] / d logits = onehot(target) - softmax, times the incoming gradient
-            d = logits.sub_(lse[part, None]).exp_().mul_(-grad[part, None])
+            d, kept = kept.mul_(-grad[part, None]), None
             d[torch.arange(len(d), device=d.device), targets[part]] += grad[part]
             d = _scaled(d, ctx.temperature).to(ctx.dtype)
             if grad_hidden is not None:
                 grad_hidden[part] = (d @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (d.T @ h).float()
+            if ctx.needs_input_grad[1]:
+                chunk_grad = (d.T @ h).float()
+                grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
         return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None, None
