@@ -8,7 +8,7 @@ The Python API (``chatrlhf.api``) is imported on first use, so ``import chatrlhf
     chatrlhf.train_reward({"data": {"train": "pairs.jsonl"}})
 """
 
-__version__ = "0.3.3"
+__version__ = "0.3.4"
 
 _API = ("RewardModel", "reward_function", "train_reward", "train_sft", "train_dpo", "train_ppo", "train_grpo")
 __all__ = ["__version__", *_API]
