@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     base = results.get("chatrlhf")
     if base:
         ours = mean_split(base)["total"]
-        for which in ("chatrlhf-no-cache", "chatrlhf-no-share", "chatrlhf-no-decoder", "trl-default", "trl-fastest"):
+        for which in SIDES[1:]:  # every other side against chatrlhf
             if which in results:
                 theirs = mean_split(results[which])
                 print(f"{which} / chatrlhf: {theirs['total'] / ours:.2f}x per step "

@@ -545,8 +545,8 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 class _LossTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T / temperature)[target] per token, the logits computed
-    ``CHUNK`` tokens at a time and never kept: the forward keeps each token's logsumexp, the
-    backward computes each chunk's logits again. With the output layer frozen (LoRA) the forward
+    ``CHUNK`` tokens at a time and never kept whole: the forward keeps each token's logsumexp,
+    the backward computes each chunk's logits again. With the output layer frozen (LoRA) the forward
     also computes d log p / d hidden (tokens x hidden, small) and the backward only scales it,
     so the output layer's matmuls are as many as autograd's on the whole logits. With the output
     layer trained (full fine-tuning) and the tokens within one chunk, the forward's softmax is
@@ -597,10 +597,11 @@ class _LossTokenLogps(torch.autograd.Function):
         for s in range(0, len(targets), _LossTokenLogps.CHUNK):
             part = slice(s, s + _LossTokenLogps.CHUNK)
             h = hidden[part].to(ctx.dtype)
-            if kept is None:
-                kept = _scaled((h @ w.T).float(), ctx.temperature).sub_(lse[part, None]).exp_()
+            probs = kept if kept is not None else \
+                _scaled((h @ w.T).float(), ctx.temperature).sub_(lse[part, None]).exp_()
+            kept = None
             # d log p[target] / d logits = onehot(target) - softmax, times the incoming gradient
-            d, kept = kept.mul_(-grad[part, None]), None
+            d = probs.mul_(-grad[part, None])
             d[torch.arange(len(d), device=d.device), targets[part]] += grad[part]
             d = _scaled(d, ctx.temperature).to(ctx.dtype)
             if grad_hidden is not None:
